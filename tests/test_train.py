@@ -1,0 +1,144 @@
+"Trainer (issue 6): learning, exact resume after SIGKILL, quiet console, and one clear error per bad input."
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest, torch
+from kd_kaggle.config import KDConfig
+from kd_kaggle.train import train, demo_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+def _losses(run_dir):
+    recs = [json.loads(l) for l in (Path(run_dir)/'metrics.jsonl').read_text().splitlines() if l.strip()]
+    return {r['step']: r['loss'] for r in recs if 'loss' in r}
+
+def test_demo_distillation_lowers_heldout_bpb(tmp_path):
+    "The full default recipe (router + curriculum) on the embedded pair: held-out student bpb goes down."
+    m = train(demo_config(tmp_path/'run', max_steps=200, eval_every=100, save_every=200, max_train_examples=1600))
+    assert m['student_bpb'] < m['student_bpb_before'] - 0.3, m
+    assert m['teacher_bpb'] < m['student_bpb']
+    assert (tmp_path/'run'/'report.md').is_file() and json.loads((tmp_path/'run'/'report.json').read_text())
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path/'run'/'student')     # the student loads with plain transformers
+
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    from pathlib import Path
+    out, kill_at, kill_in_save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    import kd_kaggle.checkpoint as ck
+    if kill_in_save:
+        real_save = ck.torch.save
+        def dying_save(obj, path, *a, **k):   # die after the optimizer file of checkpoint `kill_in_save` is written
+            real_save(obj, path, *a, **k)
+            if f"checkpoint-{kill_in_save:08d}" in str(path) and str(path).endswith('optimizer.pt'): os.kill(os.getpid(), signal.SIGKILL)
+        ck.torch.save = dying_save
+    if kill_at:
+        import kd_kaggle.checkpoint as c2
+        real_write = c2.RunLog.write
+        def write(self, rec):
+            real_write(self, rec)
+            if rec.get('step') == kill_at and 'loss' in rec: os.kill(os.getpid(), signal.SIGKILL)
+        c2.RunLog.write = write
+    from kd_kaggle.train import train, demo_config
+    train(demo_config(out, max_steps=24, log_every=1, eval_every=12, save_every=5, max_train_examples=400, batch_size=8))
+''')
+
+def _run(out, kill_at=0, kill_in_save=0):
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONHASHSEED': '0'}
+    return subprocess.run([sys.executable, '-c', SCRIPT, str(out), str(kill_at), str(kill_in_save)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+def test_sigkill_then_resume_continues_exactly(tmp_path):
+    "Kill at a random step and again mid-checkpoint-write; the resumed loss sequence equals an uninterrupted run (bit-equal on CPU)."
+    ref = _run(tmp_path/'ref'); assert ref.returncode == 0, ref.stderr[-2000:]
+    kill_at = int(torch.randint(6, 20, (1,)))
+    r1 = _run(tmp_path/'cut', kill_at=kill_at); assert r1.returncode == -signal.SIGKILL
+    r2 = _run(tmp_path/'cut', kill_in_save=20); assert r2.returncode == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (tmp_path/'cut'/'checkpoints').iterdir())
+    assert 'checkpoint-00000015' in ckpts and 'checkpoint-00000020' not in ckpts   # the previous checkpoint survived the kill
+    r3 = _run(tmp_path/'cut'); assert r3.returncode == 0, r3.stderr[-2000:]
+    assert 'resumed from' in r3.stdout
+    want, got = _losses(tmp_path/'ref'), _losses(tmp_path/'cut')
+    assert sorted(got) == sorted(want) == list(range(1, 25))
+    assert got == want, {s: (want[s], got[s]) for s in want if want[s] != got[s]}
+
+def test_console_stays_within_print_budget(tmp_path, capsys):
+    "Header + one line per print_every + the final line; evaluation prints nothing per batch."
+    train(demo_config(tmp_path/'run', max_steps=60, print_every=20, eval_every=10, max_train_examples=400, max_eval_examples=32, batch_size=8))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    assert len(lines) <= 2 + 60 // 20 + 1, lines
+    assert sum(l.startswith('step ') for l in lines) == 3
+
+def _cfg(tmp_path, **kw):
+    kw = {'output_dir': str(tmp_path/'run'), 'max_steps': 2, 'max_train_examples': 64, 'max_eval_examples': 8, 'batch_size': 4, **kw}
+    return demo_config(**kw)
+
+BAD_INPUTS = {
+    'empty dataset':            (lambda t: _cfg(t, data=str(_write(t/'empty.txt', '\n\n'))), ValueError, 'gave no training examples'),
+    'missing data file':        (lambda t: _cfg(t, data=str(t/'nope.jsonl')), FileNotFoundError, 'KDConfig.data'),
+    'bad jsonl line':           (lambda t: _cfg(t, data=str(_write(t/'bad.jsonl', '{"prompt": "a", "output": "b"}\n{oops\n'))), ValueError, 'bad.jsonl:2'),
+    'missing teacher path':     (lambda t: _cfg(t, teacher=str(t/'no_teacher')), FileNotFoundError, 'KDConfig.teacher'),
+    'student hub id offline':   (lambda t: _cfg(t, student='HuggingFaceTB/SmolLM2-135M'), FileNotFoundError, 'HF_HUB_OFFLINE'),
+    'seq_len beyond positions': (lambda t: _cfg(t, seq_len=1_000_000), ValueError, "max_position_embeddings"),
+    'top_k beyond vocab':       (lambda t: _cfg(t, top_k=100_000), ValueError, 'larger than the student vocabulary'),
+    'fp16 without a GPU':       (lambda t: _cfg(t, precision='fp16'), ValueError, 'needs a GPU'),
+    'unwritable output dir':    (lambda t: _cfg(t, output_dir=str(_write(t/'a_file', 'x')/'run')), PermissionError, 'not writable'),
+    'no held-out examples':     (lambda t: _cfg(t, data=str(_write(t/'one.txt', 'Only one paragraph here.')), eval_fraction=0.0), ValueError, 'no held-out examples'),
+    'resume from missing dir':  (lambda t: _cfg(t, resume=str(t/'no_ckpt')), FileNotFoundError, 'KDConfig.resume'),
+}
+
+def _write(path, text):
+    path.write_text(text); return path
+
+@pytest.mark.parametrize('name', list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_error(tmp_path, name):
+    make, exc, msg = BAD_INPUTS[name]
+    if name == 'fp16 without a GPU' and torch.cuda.is_available(): pytest.skip('a GPU is present')
+    with pytest.raises(exc, match=msg): train(make(tmp_path))
+
+def test_disk_nearly_full(tmp_path, monkeypatch):
+    import kd_kaggle.train as tr
+    monkeypatch.setattr(tr, 'free_disk_gib', lambda p: 0.2)
+    with pytest.raises(OSError, match='GiB free'): train(_cfg(tmp_path))
+
+def test_corrupt_checkpoint_and_mismatched_resume(tmp_path):
+    train(_cfg(tmp_path, save_every=1))
+    ckpts = sorted((tmp_path/'run'/'checkpoints').iterdir())
+    (ckpts[-1]/'trainer_state.json').write_text('{"state": ')
+    with pytest.raises(ValueError, match='corrupt'): train(_cfg(tmp_path, resume=str(ckpts[-1])))
+    with pytest.raises(ValueError, match='seq_len: checkpoint 128 vs now 64'): train(_cfg(tmp_path, resume=str(ckpts[0]), seq_len=64))
+
+def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
+    "A NaN loss skips the step (counted); max_bad_steps in a row aborts with a clear message."
+    import kd_kaggle.train as tr
+    real = tr.Distiller.forward
+    def nan_forward(self, batch, weights):
+        loss, parts = real(self, batch, weights)
+        return loss * float('nan'), parts
+    monkeypatch.setattr(tr.Distiller, 'forward', nan_forward)
+    with pytest.raises(FloatingPointError, match='3 non-finite losses in a row'): train(_cfg(tmp_path, max_bad_steps=3, max_steps=5))
+
+DDP_SCRIPT = textwrap.dedent('''
+    import sys
+    from kd_kaggle.train import train, demo_config
+    out, bs = sys.argv[1], int(sys.argv[2])
+    train(demo_config(out, max_steps=8, log_every=1, eval_every=100, save_every=100, max_train_examples=256, max_eval_examples=8, batch_size=bs))
+''')
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    "accelerate launch with 2 CPU processes (gloo) at per-process batch 4 tracks 1 process at batch 8 (same global batch)."
+    import random
+    script = tmp_path/'run.py'; script.write_text(DDP_SCRIPT)
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path/'one'), '8'], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    # accelerate 1.x launches multi-process CPU jobs only through mpirun with --cpu; --multi_gpu on a machine without
+    # GPUs uses torchrun, and the Accelerator (cpu=True) then runs DDP over gloo.
+    two = subprocess.run([sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+                          '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(random.randint(20000, 40000)),
+                          str(script), str(tmp_path/'two'), '4'], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert '4x1x2 sequences' in two.stdout and two.stdout.count('kd_kaggle: done') == 1   # 2 processes, one console
+    a, b = _losses(tmp_path/'one'), _losses(tmp_path/'two')
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in a: assert abs(a[s] - b[s]) / a[s] < 0.02, (s, a[s], b[s])
+    assert a[8] < a[1] - 0.5 and b[8] < b[1] - 0.5
