@@ -65,7 +65,7 @@ def test_console_stays_within_print_budget(tmp_path, capsys):
     "Header + one line per print_every + the final line; evaluation prints nothing per batch."
     train(demo_config(tmp_path/'run', max_steps=60, print_every=20, eval_every=10, max_train_examples=400, max_eval_examples=32, batch_size=8))
     lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
-    assert len(lines) <= 2 + 60 // 20 + 1, lines
+    assert len(lines) <= 3 + 60 // 20 + 1, lines   # header (3 with a router), one per print_every, final
     assert sum(l.startswith('step ') for l in lines) == 3
 
 def _cfg(tmp_path, **kw):
@@ -142,3 +142,34 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for s in a: assert abs(a[s] - b[s]) / a[s] < 0.02, (s, a[s], b[s])
     assert a[8] < a[1] - 0.5 and b[8] < b[1] - 0.5
+
+def test_budget_stop_saves_everything_and_next_session_resumes(tmp_path, monkeypatch, capsys):
+    "When the budget says stop: final eval, checkpoint, student and report are written; the next call continues to the end."
+    import kd_kaggle.checkpoint as ck
+    calls = {'n': 0}
+    def should_stop(self):
+        calls['n'] += 1; return calls['n'] >= 7
+    monkeypatch.setattr(ck.Budget, 'should_stop', should_stop)
+    cfg = _cfg(tmp_path, max_steps=20, save_every=100, eval_every=100)
+    m = train(cfg)
+    run = tmp_path/'run'
+    assert (run/'checkpoints'/'checkpoint-00000007').is_dir() and (run/'student'/'config.json').is_file() and (run/'report.md').is_file()
+    assert 'budget at step 7' in capsys.readouterr().out and m['student_bpb'] > 0
+    monkeypatch.undo()
+    train(cfg)
+    out = capsys.readouterr().out
+    assert 'resumed from' in out and 'done at step 20' in out
+    assert sorted(_losses(run)) == list(range(10, 21, 10)) or max(_losses(run)) == 20
+
+def test_training_from_the_teacher_cache(tmp_path):
+    "cache-teacher once, then train with no teacher in memory: the student learns and the report has the teacher's bpb."
+    from kd_kaggle.cache import cache_teacher
+    no_router = {'ce': 1.0, 'kd': 1.0}   # terms not listed are off
+    cfg = _cfg(tmp_path, top_k=32, curriculum=no_router, max_steps=30, max_train_examples=128, teacher_cache=str(tmp_path/'cache'))
+    summary = cache_teacher(cfg)
+    assert summary['complete']
+    m = train(cfg)
+    assert m['student_bpb'] < m['student_bpb_before'] and 0 < m['teacher_bpb'] < m['student_bpb']
+    import kd_kaggle.train as tr
+    with pytest.raises(ValueError, match="router terms"):
+        train(_cfg(tmp_path, top_k=32, teacher_cache=str(tmp_path/'cache'), output_dir=str(tmp_path/'run2')))
