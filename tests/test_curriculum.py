@@ -2,7 +2,7 @@
 import math
 import pytest
 from hypothesis import given, settings, strategies as st
-from kd_kaggle.config import KDConfig, LOSS_TERMS, default_curriculum
+from kd_kaggle.config import KDConfig, LOSS_TERMS, default_curriculum, router_curriculum
 from kd_kaggle.curriculum import Curriculum, plot_curriculum, schedule_weight
 
 def spec(kind, start=1.0, end=0.0, begin=0.2, until=0.6): return dict(kind=kind, start=start, end=end, begin=begin, until=until)
@@ -42,13 +42,14 @@ def test_weights_stay_between_start_and_end_and_are_monotone(kind, a, b, p0, p1,
         assert (v - w) * (b - a) >= -1e-9
 
 def test_curriculum_weights_active_and_state():
-    cur = Curriculum(KDConfig().curriculum)
+    assert Curriculum(KDConfig().curriculum).active(0.0) == {'ce', 'kd'}   # the default: CE + KD only
+    cur = Curriculum(KDConfig(curriculum=router_curriculum()).curriculum)
     assert cur.weights(0.0) == {'ce': 1.0, 'kd': 1.0, 'feat': 0.1, 'layer': 0.05, 'attn': 0.05, 'contr': 0.0}
     assert cur.active(0.0) == {'ce', 'kd', 'feat', 'layer', 'attn'}
     assert cur.active(0.6) == cur.active(1.0) == {'ce', 'kd'}
     assert set(cur.weights()) == set(LOSS_TERMS)
     cur.set_progress(0.45)
-    resumed = Curriculum(default_curriculum())
+    resumed = Curriculum(router_curriculum())
     resumed.load_state_dict(cur.state_dict())
     assert resumed.progress == 0.45 and resumed.weights() == cur.weights()
     with pytest.raises(ValueError, match="'progress'"): resumed.load_state_dict({})
@@ -60,7 +61,7 @@ def test_plot_has_no_side_effects():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     plt.close('all')
-    fig = plot_curriculum(default_curriculum())
+    fig = plot_curriculum(router_curriculum())
     assert plt.get_fignums() == []                     # not registered with pyplot: nothing to show or leak
     assert sorted(l.get_label() for l in fig.axes[0].lines) == ['attn', 'ce', 'feat', 'kd', 'layer']
     f2, ax = plt.subplots()

@@ -83,6 +83,7 @@ BAD_INPUTS = {
     'fp16 without a GPU':       (lambda t: _cfg(t, precision='fp16'), ValueError, 'needs a GPU'),
     'unwritable output dir':    (lambda t: _cfg(t, output_dir=str(_write(t/'a_file', 'x')/'run')), PermissionError, 'not writable'),
     'no held-out examples':     (lambda t: _cfg(t, data=str(_write(t/'one.txt', 'Only one paragraph here.')), eval_fraction=0.0), ValueError, 'no held-out examples'),
+    'fresh run over old checkpoints': (lambda t: (train(_cfg(t, resume=None)), _cfg(t, resume=None))[1], ValueError, 'already holds checkpoints'),
     'resume from missing dir':  (lambda t: _cfg(t, resume=str(t/'no_ckpt')), FileNotFoundError, 'KDConfig.resume'),
 }
 
@@ -159,7 +160,9 @@ def test_budget_stop_saves_everything_and_next_session_resumes(tmp_path, monkeyp
     train(cfg)
     out = capsys.readouterr().out
     assert 'resumed from' in out and 'done at step 20' in out
-    assert sorted(_losses(run)) == list(range(10, 21, 10)) or max(_losses(run)) == 20
+    train(_cfg(tmp_path, max_steps=24, save_every=100, eval_every=100))     # a finished run given more steps continues
+    assert 'done at step 24' in capsys.readouterr().out
+    assert sorted(_losses(run)) == [10, 20, 24]   # log_every=10 plus the last step; nothing logged twice across sessions
 
 def test_training_from_the_teacher_cache(tmp_path):
     "cache-teacher once, then train with no teacher in memory: the student learns and the report has the teacher's bpb."
