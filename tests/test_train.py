@@ -39,7 +39,9 @@ SCRIPT = textwrap.dedent('''
             if rec.get('step') == kill_at and 'loss' in rec: os.kill(os.getpid(), signal.SIGKILL)
         c2.RunLog.write = write
     from kd_kaggle.train import train, demo_config
-    train(demo_config(out, max_steps=24, log_every=1, eval_every=12, save_every=5, max_train_examples=400, batch_size=8))
+    from kd_kaggle.config import router_curriculum   # the router's weights, optimizer group and hooks must resume exactly too
+    train(demo_config(out, max_steps=24, log_every=1, eval_every=12, save_every=5, max_train_examples=400, batch_size=8,
+                      curriculum=router_curriculum()))
 ''')
 
 def _run(out, kill_at=0, kill_in_save=0):
@@ -56,7 +58,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path/'cut'/'checkpoints').iterdir())
     assert 'checkpoint-00000015' in ckpts and 'checkpoint-00000020' not in ckpts   # the previous checkpoint survived the kill
     r3 = _run(tmp_path/'cut'); assert r3.returncode == 0, r3.stderr[-2000:]
-    assert 'resumed from' in r3.stdout
+    assert 'resumed from' in r3.stdout and 'router' in r3.stdout
     want, got = _losses(tmp_path/'ref'), _losses(tmp_path/'cut')
     assert sorted(got) == sorted(want) == list(range(1, 25))
     assert got == want, {s: (want[s], got[s]) for s in want if want[s] != got[s]}
@@ -84,6 +86,7 @@ BAD_INPUTS = {
     'unwritable output dir':    (lambda t: _cfg(t, output_dir=str(_write(t/'a_file', 'x')/'run')), PermissionError, 'not writable'),
     'no held-out examples':     (lambda t: _cfg(t, data=str(_write(t/'one.txt', 'Only one paragraph here.')), eval_fraction=0.0), ValueError, 'no held-out examples'),
     'fresh run over old checkpoints': (lambda t: (train(_cfg(t, resume=None)), _cfg(t, resume=None))[1], ValueError, 'already holds checkpoints'),
+    'unsupported data file':    (lambda t: _cfg(t, data=str(_write(t/'rows.csv', 'a,b\n1,2\n'))), ValueError, 'unsupported file type'),
     'resume from missing dir':  (lambda t: _cfg(t, resume=str(t/'no_ckpt')), FileNotFoundError, 'KDConfig.resume'),
 }
 
@@ -107,6 +110,9 @@ def test_corrupt_checkpoint_and_mismatched_resume(tmp_path):
     (ckpts[-1]/'trainer_state.json').write_text('{"state": ')
     with pytest.raises(ValueError, match='corrupt'): train(_cfg(tmp_path, resume=str(ckpts[-1])))
     with pytest.raises(ValueError, match='seq_len: checkpoint 128 vs now 64'): train(_cfg(tmp_path, resume=str(ckpts[0]), seq_len=64))
+    meta = json.loads((ckpts[0]/'trainer_state.json').read_text()); meta['num_processes'] = 2     # saved by a 2-GPU run
+    (ckpts[0]/'trainer_state.json').write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='trained with 2 process'): train(_cfg(tmp_path, resume=str(ckpts[0])))
 
 def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
     "A NaN loss skips the step (counted); max_bad_steps in a row aborts with a clear message."
@@ -174,5 +180,6 @@ def test_training_from_the_teacher_cache(tmp_path):
     m = train(cfg)
     assert m['student_bpb'] < m['student_bpb_before'] and 0 < m['teacher_bpb'] < m['student_bpb']
     import kd_kaggle.train as tr
-    with pytest.raises(ValueError, match="router terms"):
-        train(_cfg(tmp_path, top_k=32, teacher_cache=str(tmp_path/'cache'), output_dir=str(tmp_path/'run2')))
+    from kd_kaggle.config import router_curriculum
+    with pytest.raises(ValueError, match="router terms"):   # the cache stores no hidden states for the router
+        train(_cfg(tmp_path, top_k=32, teacher_cache=str(tmp_path/'cache'), output_dir=str(tmp_path/'run2'), curriculum=router_curriculum()))
