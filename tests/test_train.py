@@ -112,7 +112,7 @@ def test_corrupt_checkpoint_and_mismatched_resume(tmp_path):
     with pytest.raises(ValueError, match='seq_len: checkpoint 128 vs now 64'): train(_cfg(tmp_path, resume=str(ckpts[0]), seq_len=64))
     meta = json.loads((ckpts[0]/'trainer_state.json').read_text()); meta['num_processes'] = 2     # saved by a 2-GPU run
     (ckpts[0]/'trainer_state.json').write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match='trained with 2 process'): train(_cfg(tmp_path, resume=str(ckpts[0])))
+    with pytest.raises(ValueError, match='keep the global batch the same, e.g. grad_accum=2'): train(_cfg(tmp_path, resume=str(ckpts[0])))
 
 def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
     "A NaN loss skips the step (counted); max_bad_steps in a row aborts with a clear message."
@@ -128,7 +128,7 @@ DDP_SCRIPT = textwrap.dedent('''
     import sys
     from kd_kaggle.train import train, demo_config
     out, bs = sys.argv[1], int(sys.argv[2])
-    train(demo_config(out, max_steps=8, log_every=1, eval_every=100, save_every=100, max_train_examples=256, max_eval_examples=8, batch_size=bs))
+    train(demo_config(out, max_steps=8, log_every=1, eval_every=100, save_every=4, max_train_examples=256, max_eval_examples=8, batch_size=bs))
 ''')
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -149,6 +149,19 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for s in a: assert abs(a[s] - b[s]) / a[s] < 0.02, (s, a[s], b[s])
     assert a[8] < a[1] - 0.5 and b[8] < b[1] - 0.5
+    # the 2-process run's step-4 checkpoint continues in ONE process at the same global batch (4 x grad_accum 2)
+    resume = textwrap.dedent('''
+        import sys
+        from kd_kaggle.train import train, demo_config
+        train(demo_config(sys.argv[1], max_steps=8, log_every=1, eval_every=100, save_every=100, max_train_examples=256,
+                          max_eval_examples=8, batch_size=4, grad_accum=2, resume=sys.argv[2]))
+    ''')
+    one_gpu = subprocess.run([sys.executable, '-c', resume, str(tmp_path/'three'), str(tmp_path/'two'/'checkpoints'/'checkpoint-00000004')],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert one_gpu.returncode == 0, one_gpu.stderr[-3000:]
+    c = _losses(tmp_path/'three')
+    assert sorted(c) == list(range(1, 9)) and all(c[s] == b[s] for s in range(1, 5))   # history up to the checkpoint kept
+    for s in range(5, 9): assert abs(c[s] - b[s]) / b[s] < 0.02, (s, b[s], c[s])
 
 def test_budget_stop_saves_everything_and_next_session_resumes(tmp_path, monkeypatch, capsys):
     "When the budget says stop: final eval, checkpoint, student and report are written; the next call continues to the end."
