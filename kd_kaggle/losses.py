@@ -376,43 +376,71 @@ def _loss_sums(logits, labels, kd_local, teacher, batch):
     if teacher is None: return ce, logits.new_zeros(())
     return ce, kd_rows(logits[kd_local], teacher, batch.bmap, batch.cfg).sum()
 
+# %% ../nbs/05_losses.ipynb #a765ebad
+_FP16_ROW_LIMIT = 2.0 ** 14   # scaled inputs and every output of a row stay below this (fp16 max: 65,504)
+
+def _matmul_dtype(hidden, weight):
+    "The dtype the student head's matmul runs in: autocast's when it is on for this device, else the inputs' dtype."
+    if torch.is_autocast_enabled(hidden.device.type): return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+def _exact_mm(g, m):
+    "`g @ m` in ≥ float32 for a float32 gradient `g [r, V]` and `m [V, d]` in the matmul dtype; fp16 without underflow."
+    if m.dtype != torch.float16: return (g.to(m.dtype) @ m).to(_ftype(m.dtype))   # bf16/fp32/fp64 have fp32's range
+    amax = torch.linalg.vector_norm(g, float('inf'), dim=1, keepdim=True)
+    out_bound = torch.linalg.vector_norm(g, 1, dim=1, keepdim=True) * m.abs().amax().float()
+    bound = torch.maximum(amax, out_bound).clamp_min(1e-30)
+    scale = torch.exp2(torch.floor(torch.log2(_FP16_ROW_LIMIT / bound)))   # a power of two: scaling back is exact
+    return ((g * scale).to(torch.float16) @ m).float().div_(scale)
+
 # %% ../nbs/05_losses.ipynb #35e948c7
+def _chunk_logits(h, w, b):
+    "Student logits of one chunk in ≥ float32 from matmul-dtype `h`, `w`; the bias is added in float32."
+    z = F.linear(h, w).to(_ftype(w.dtype))
+    if b is not None: z = z + b.to(z.dtype)
+    return z
+
 def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
-    "Sum CE/KD chunk by chunk; when `want_grad`, also the gradients of `ce·ce_scale + kd·kd_scale`."
+    "Sum CE/KD chunk by chunk; when `want_grad`, also the float32 gradients of `ce·ce_scale + kd·kd_scale`."
     ce_scale, kd_scale = scales
-    acc = _ftype(weight.dtype)
+    mm = _matmul_dtype(hidden, weight)
+    w = weight.detach().to(mm)                              # one cast per call; autocast would cast per chunk
+    acc = _ftype(mm)
     ce_sum, kd_sum = torch.zeros((), dtype=acc, device=hidden.device), torch.zeros((), dtype=acc, device=hidden.device)
     need = [want_grad and x is not None and x.requires_grad for x in (hidden, weight, bias)]
-    grads = [torch.zeros_like(x, dtype=x.dtype if i == 0 else acc) if nd else None  # head grads summed in ≥ fp32
-             for i, (x, nd) in enumerate(zip((hidden, weight, bias), need))]
+    grads = [torch.zeros(x.shape, dtype=acc, device=x.device) if nd else None for x, nd in zip((hidden, weight, bias), need)]
     active = ((batch.labels != -100) | batch.kd_mask).nonzero().squeeze(1)  # padding positions cost nothing
     for start in range(0, len(active), chunk_size):
         rows = active[start:start + chunk_size]
         kd_local = batch.kd_mask[rows]
         kd_pos = rows[kd_local]
         teacher = _teacher_rows(batch, kd_pos) if batch.teacher is not None and len(kd_pos) else None
+        h = hidden.detach()[rows].to(mm)
+        with torch.autocast(hidden.device.type, enabled=False):
+            z = _chunk_logits(h, w, None if bias is None else bias.detach())
         with torch.enable_grad() if want_grad else nullcontext():
-            h, w, b = [x.detach().requires_grad_(nd) if x is not None else None
-                       for x, nd in zip((hidden[rows], weight, bias), need)]
-            logits = head_logits(h, w, b, batch.logit_scale, batch.logit_softcap)
+            z.requires_grad_(want_grad)
+            logits = z
+            if batch.logit_scale is not None: logits = logits * batch.logit_scale
+            if batch.logit_softcap is not None: logits = torch.tanh(logits / batch.logit_softcap) * batch.logit_softcap
             ce, kd = _loss_sums(logits, batch.labels[rows], kd_local, teacher, batch)
             if want_grad:
-                leaves = [x for x, nd in zip((h, w, b), need) if nd]
-                chunk_grads = iter(torch.autograd.grad(ce * ce_scale + kd * kd_scale, leaves, allow_unused=True))
-                for i, g in enumerate([next(chunk_grads) if nd else None for nd in need]):
-                    if g is None: continue
-                    if i == 0: grads[0].index_copy_(0, rows, g)
-                    else: grads[i].add_(g)
+                g = torch.autograd.grad(ce * ce_scale + kd * kd_scale, z)[0]       # float32 [rows, Vs]: nothing underflows
+                with torch.autocast(hidden.device.type, enabled=False):
+                    if need[0]: grads[0].index_copy_(0, rows, _exact_mm(g, w))
+                    if need[1]: grads[1].add_(_exact_mm(g.T, h))
+                if need[2]: grads[2].add_(g.sum(0))
         ce_sum += ce.detach(); kd_sum += kd.detach()
-        del logits, teacher, ce, kd  # free this chunk's buffers before the next one
-    return ce_sum, kd_sum, [g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hidden, weight, bias))]
+        del logits, z, teacher, ce, kd  # free this chunk's buffers before the next one
+    return ce_sum, kd_sum, grads
 
 class _FusedDistill(torch.autograd.Function):
-    "Gradients are computed in forward, chunk by chunk; backward only scales them by grad_output."
+    "Gradients are computed in forward, chunk by chunk, in float32; backward scales them by grad_output and casts."
     @staticmethod
     def forward(ctx, hidden, weight, bias, run):
         ce, kd, total, grads = run(hidden, weight, bias, want_grad=True)
         ctx.has = [g is not None for g in grads]
+        ctx.dtypes = [x.dtype if x is not None else None for x in (hidden, weight, bias)]
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.mark_non_differentiable(ce, kd)
         return total, ce, kd
@@ -420,13 +448,14 @@ class _FusedDistill(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # no double backward: a clear error instead of wrong grads
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         saved = iter(ctx.saved_tensors)
-        return (*[next(saved) * grad_total if has else None for has in ctx.has], None)
+        # multiply in float32 first: grad_total carries GradScaler's factor, which lifts small gradients into fp16's range
+        return (*[(next(saved) * grad_total).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)], None)
 
 # %% ../nbs/05_losses.ipynb #57cc60a3
 def fused_distill_loss(student_hidden, student_head_weight, labels=None, kd_mask=None, teacher=None, vocab_map=None,
                        divergence='fkl', temperature=1.0, scale_t2=False, ce_weight=1.0, kd_weight=1.0, chunk_size=1024,
                        student_head_bias=None, logit_softcap=None, logit_scale=None, teacher_vocab_limit=None,
-                       reduction='mean', check_finite=True, **kd_options) -> DistillLossOutput:
+                       reduction='mean', check_finite=True, mean_over=None, **kd_options) -> DistillLossOutput:
     "CE + cross-vocab KD through the student lm_head, `chunk_size` positions at a time: memory O(chunk × V)."
     cfg = KDSpec(divergence, temperature, scale_t2, **kd_options)
     if reduction not in ('mean', 'sum'): raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -435,8 +464,9 @@ def fused_distill_loss(student_hidden, student_head_weight, labels=None, kd_mask
     batch = _prepare(hidden, w, b, labels, kd_mask, teacher, vocab_map, teacher_vocab_limit, cfg, logit_scale, logit_softcap)
     n_ce, n_kd = (batch.labels != -100).sum(), batch.kd_mask.sum()
     acc = _ftype(w.dtype)
-    ce_den, kd_den = [n.clamp_min(1).to(acc) if reduction == 'mean' else torch.ones((), dtype=acc, device=n.device)
-                      for n in (n_ce, n_kd)]
+    counts = (n_ce, n_kd) if mean_over is None else [torch.as_tensor(n, device=hidden.device) for n in mean_over]
+    ce_den, kd_den = [n.clamp_min(1).to(acc) if reduction == 'mean' else torch.ones((), dtype=acc, device=hidden.device)
+                      for n in counts]
     scales = (ce_weight / ce_den, kd_weight * cfg.t2 / kd_den)
     def run(h, w_, b_, want_grad):
         ce, kd, grads = _run_chunks(h, w_, b_, batch, chunk_size, scales, want_grad)

@@ -523,3 +523,57 @@ def test_seed_naive_kd_loss():
     ref = kl(torch.softmax(tl[..., :20] / 4, -1), torch.softmax(sl / 4, -1))[mask].mean()
     assert torch.allclose(out.raw, ref, rtol=1e-12) and torch.allclose(out.loss, ref * 16, rtol=1e-12)
     with pytest.raises(ValueError, match='cover'): seed_naive_kd_loss(tl, sl)
+
+
+def _fp16_problem(n=2048, d=64, vs=4096, dt=48, vt=4096, seed=0):
+    "Trained-model-like logits: std ~2, and 60% of the ids pushed ~12 nats down (the rarely used ids of a real head)."
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g); h[:, 0] = 1.0
+    w = torch.randn(vs, d, generator=g) * (2.0 / d ** 0.5)
+    w[:, 0] = torch.where(torch.rand(vs, generator=g) < 0.6, -12.0, 0.0)
+    labels = torch.randint(0, vs, (n,), generator=g); labels[w[labels, 0] < 0] = -100   # rare ids are never a label
+    teacher = OnlineTeacher(torch.randn(n, dt, generator=g).half(), (torch.randn(vt, dt, generator=g) * (3.0 / dt ** 0.5)).half())
+    vmap = torch.randint(-1, vs, (vt,), generator=g)
+    return dict(h=h, w=w, labels=labels, kd_mask=torch.rand(n, generator=g) < 0.9, teacher=teacher, vmap=vmap)
+
+
+def _scaled_grads(p, term, chunk, autocast, dtype=torch.float32, scale=2.0 ** 16):
+    "Head/hidden gradients as the trainer gets them: under fp16 autocast, loss × GradScaler's factor, then unscaled."
+    h, w = p['h'].to(dtype, copy=True).requires_grad_(), p['w'].to(dtype, copy=True).requires_grad_()
+    t = p['teacher'] if dtype != F64 else OnlineTeacher(p['teacher'].hidden.double(), p['teacher'].head_weight.double())
+    with torch.autocast('cpu', dtype=torch.float16, enabled=autocast):
+        out = fused_distill_loss(h, w, labels=p['labels'], kd_mask=p['kd_mask'], teacher=t, vocab_map=p['vmap'],
+                                 ce_weight=float(term != 'kd'), kd_weight=float(term != 'ce'), chunk_size=chunk)
+    (out.loss * (scale if autocast else 1.0)).backward()
+    return [x.grad.double() / (scale if autocast else 1.0) for x in (w, h)]
+
+
+@pytest.mark.parametrize('term', ['ce', 'kd', 'both'])
+def test_fused_gradients_under_fp16_autocast(term):
+    "The T4 path: fused (chunked) gradients under fp16 autocast are as exact as unchunked autocast; no head row frozen."
+    p = _fp16_problem()
+    ref = _scaled_grads(p, term, None, autocast=False, dtype=F64)
+    fused, plain = _scaled_grads(p, term, 512, autocast=True), _scaled_grads(p, term, None, autocast=True)
+    for got, base, want in zip(fused, plain, ref):
+        assert rel_err(got, want) <= 1.1 * rel_err(base, want) + 1e-4, (rel_err(got, want), rel_err(base, want))
+    moved = ref[0].abs().amax(1) > 0
+    assert ((fused[0].abs().amax(1) == 0) & moved).sum() == 0                     # every row fp64 moves, fp16 moves
+    row_err = ((fused[0] - ref[0]).norm(dim=1) / ref[0].norm(dim=1).clamp_min(1e-300))[moved]
+    assert row_err.max() < 2e-2, row_err.max()                                    # rare rows too, not just the norm
+
+
+def test_mean_over_gives_token_weighted_micro_batches():
+    "Two micro-batches with `mean_over` = the step's counts sum to the loss and gradients of one batch of both."
+    p = problem(seed=21, dtype=F64)
+    kw = dict(teacher=p['teacher'], vocab_map=p['vmap'], teacher_vocab_limit=p['limit'], chunk_size=3, ce_weight=0.6, kd_weight=1.4)
+    whole = fused_distill_loss(p['h'], p['w'], labels=p['labels'], kd_mask=p['kd_mask'], **kw)
+    (gw_whole,) = torch.autograd.grad(whole.loss, p['w'])
+    cut = 5                                   # an uneven cut: micro-batch means would weigh its tokens differently
+    counts = ((p['labels'] != -100).sum(), p['kd_mask'].sum())
+    total, gw = 0, 0
+    for sl in (slice(0, cut), slice(cut, None)):
+        t = OnlineTeacher(p['teacher'].hidden[sl], p['teacher'].head_weight)
+        out = fused_distill_loss(p['h'][sl], p['w'], labels=p['labels'][sl], kd_mask=p['kd_mask'][sl], mean_over=counts,
+                                 **{**kw, 'teacher': t})
+        total = total + out.loss.detach(); gw = gw + torch.autograd.grad(out.loss, p['w'])[0]
+    assert torch.allclose(total, whole.loss.detach(), rtol=1e-12) and rel_err(gw, gw_whole) < 1e-12
