@@ -167,12 +167,26 @@ def _lengths(ends, side):
     return ends, lens
 
 def _next_in_region(ends, start_byte):
-    "Positions that have a next token reaching past `start_byte`."
+    "Positions that have a next token reaching past `start_byte` (the per-side rule of `same_bytes=False`)."
     mask = np.zeros(len(ends), bool)
     mask[:-1] = True if start_byte is None else ends[1:] > start_byte
     return mask
 
-def align_tokens(student_ends, teacher_ends, response_start_byte=None) -> dict:
+def _scored_from(sides, shared, start_byte) -> int:
+    "First byte boundary both sides share (0 or a shared token end) at or after `start_byte` and each side's first unpredictable token."
+    lo = 0 if start_byte is None else int(start_byte)
+    for ends, lens in sides:   # without a zero-length BOS/prefix token a side never predicts its first token
+        if len(lens) and lens[0] > 0: lo = max(lo, int(ends[0]))
+    cand = np.r_[0, shared].astype(np.int64)   # the text's last byte is a shared end, so a candidate always exists
+    return int(cand[np.searchsorted(cand, lo)])
+
+def _next_from(ends, lens, start):
+    "Positions whose next token starts at or after byte `start` and has bytes: the tokens that spell bytes[start:]."
+    mask = np.zeros(len(ends), bool)
+    mask[:-1] = (ends[:-1] >= start) & (lens[1:] > 0)
+    return mask
+
+def align_tokens(student_ends, teacher_ends, response_start_byte=None, same_bytes=True) -> dict:
     "Chunk two tokenisations of one byte string at their shared token ends; per-position maps and masks."
     s_ends, s_len = _lengths(student_ends, 'student')
     t_ends, t_len = _lengths(teacher_ends, 'teacher')
@@ -195,12 +209,15 @@ def align_tokens(student_ends, teacher_ends, response_start_byte=None) -> dict:
     j = s2t[i] + 1
     one_to_one = np.zeros(len(s_ends), bool)
     one_to_one[i] = (s_len[i + 1] > 0) & (t_len[j] > 0) & (s_ends[i + 1] == t_ends[j])
-    return dict(s_chunk=s_chunk, t_chunk=t_chunk, s2t=s2t, one_to_one=one_to_one,
-                loss_mask=_next_in_region(s_ends, response_start_byte), teacher_loss_mask=_next_in_region(t_ends, response_start_byte))
+    start = _scored_from(((s_ends, s_len), (t_ends, t_len)), shared, response_start_byte)
+    if same_bytes: masks = _next_from(s_ends, s_len, start), _next_from(t_ends, t_len, start)
+    else: masks, start = (_next_in_region(s_ends, response_start_byte), _next_in_region(t_ends, response_start_byte)), -1
+    return dict(s_chunk=s_chunk, t_chunk=t_chunk, s2t=s2t, one_to_one=one_to_one, loss_mask=masks[0], teacher_loss_mask=masks[1],
+                scored_from=np.int64(start))
 
 # %% ../nbs/03_align.ipynb #94336e4f
 _ALIGN_KEYS = ('student_ids', 'teacher_ids', 'student_byte_lens', 'teacher_byte_lens', 's_chunk', 't_chunk', 's2t', 'one_to_one',
-               'loss_mask', 'teacher_loss_mask')
+               'loss_mask', 'teacher_loss_mask', 'scored_from')
 
 def _char_to_byte(text, start, where):
     if start is None: return None
@@ -216,7 +233,8 @@ def _cut(s_ends, t_ends, max_length):
     ok = np.flatnonzero((ns <= max_length) & (nt <= max_length))
     return (int(ns[ok[-1]]), int(nt[ok[-1]])) if len(ok) else (0, 0)
 
-def align_batch(teacher_tok, student_tok, texts, response_start_chars=None, add_student_bos=None, max_length=None) -> dict:
+def align_batch(teacher_tok, student_tok, texts, response_start_chars=None, add_student_bos=None, max_length=None,
+                same_bytes=True) -> dict:
     "Tokenize and align a batch of texts; a dict of per-example lists (for `datasets.map(batched=True)`)."
     teacher_tok, student_tok = _as_tokenizer(teacher_tok), _as_tokenizer(student_tok)
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -237,7 +255,7 @@ def align_batch(teacher_tok, student_tok, texts, response_start_chars=None, add_
             ns, nt = _cut(s_ends, t_ends, max_length)
             s_ids, s_ends, s_dummy, t_ids, t_ends, t_dummy = s_ids[:ns], s_ends[:ns], s_dummy[:ns], t_ids[:nt], t_ends[:nt], t_dummy[:nt]
             if start_byte is not None: start_byte = min(start_byte, int(s_ends[-1]) if ns else 0)
-        a = align_tokens(s_ends, t_ends, start_byte)
+        a = align_tokens(s_ends, t_ends, start_byte, same_bytes)
         # same text bytes is not enough: the next tokens must be the same token (same dummy prefix, same special-ness)
         i = np.flatnonzero(a['one_to_one']); sn, tn = i + 1, a['s2t'][i] + 1
         a['one_to_one'][i] = (s_dummy[sn] == t_dummy[tn]) & (s_tab.added[s_ids[sn]] == t_tab.added[t_ids[tn]])
@@ -245,10 +263,11 @@ def align_batch(teacher_tok, student_tok, texts, response_start_chars=None, add_
         for key, v in dict(student_ids=s_ids, teacher_ids=t_ids, **lens, **a).items(): out[key].append(v)
     return out
 
-def align_pair(teacher_tok, student_tok, text: str, response_start_char=None, add_student_bos=None, max_length=None) -> dict:
+def align_pair(teacher_tok, student_tok, text: str, response_start_char=None, add_student_bos=None, max_length=None,
+               same_bytes=True) -> dict:
     "Tokenize `text` with both tokenizers and align it; a dict of numpy arrays (see `align_batch`)."
     if not isinstance(text, str): raise TypeError(f"text must be a str, got {type(text).__name__}")
-    out = align_batch(teacher_tok, student_tok, [text], [response_start_char], add_student_bos, max_length)
+    out = align_batch(teacher_tok, student_tok, [text], [response_start_char], add_student_bos, max_length, same_bytes)
     return {k: v[0] for k, v in out.items()}
 
 # %% ../nbs/03_align.ipynb #97a234c9

@@ -129,11 +129,11 @@ def encode_examples(records: list, teacher_tok, student_tok, seq_len: int) -> di
     recs = [normalize_record(r) for r in records]
     add_bos = True if student_tok.bos_token_id is not None else None
     texts, starts = [r['text'] for r in recs], [r['response_start'] for r in recs]
-    try: a = align_batch(teacher_tok, student_tok, texts, starts, add_student_bos=add_bos, max_length=seq_len)
+    try: a = align_batch(teacher_tok, student_tok, texts, starts, add_student_bos=add_bos, max_length=seq_len, same_bytes=True)
     except ValueError:   # a row a tokenizer cannot represent byte-exactly: align one by one and drop only the bad rows
         a, bad = None, 0
         for t, st in zip(texts, starts):
-            try: one = align_batch(teacher_tok, student_tok, [t], [st], add_student_bos=add_bos, max_length=seq_len)
+            try: one = align_batch(teacher_tok, student_tok, [t], [st], add_student_bos=add_bos, max_length=seq_len, same_bytes=True)
             except ValueError: bad += 1; continue
             a = one if a is None else {k: a[k] + one[k] for k in a}
         warnings.warn(f"dropped {bad} of {len(texts)} rows whose text a tokenizer cannot reproduce byte-exactly "
@@ -145,14 +145,18 @@ def encode_examples(records: list, teacher_tok, student_tok, seq_len: int) -> di
     for i in range(len(recs)):
         s_lab, s_nb = _labels(a['student_ids'][i], a['student_byte_lens'][i], a['loss_mask'][i])
         t_lab, t_nb = _labels(a['teacher_ids'][i], a['teacher_byte_lens'][i], a['teacher_loss_mask'][i])
+        if s_nb.sum() != t_nb.sum():   # the invariant bits-per-byte and retention rely on: both sides score the same bytes
+            raise AssertionError(f"example {i}: student labels cover {s_nb.sum()} bytes, teacher labels {t_nb.sum()} (scored from byte "
+                                 f"{int(a['scored_from'][i])}); please report this with the text")
         for k, v in (('student_input_ids', a['student_ids'][i]), ('student_labels', s_lab), ('student_label_bytes', s_nb),
                      ('s2t', a['s2t'][i]), ('one_to_one', a['one_to_one'][i]), ('s_chunk', a['s_chunk'][i]),
                      ('teacher_input_ids', a['teacher_ids'][i]), ('teacher_labels', t_lab), ('teacher_label_bytes', t_nb),
                      ('t_chunk', a['t_chunk'][i])):
             cols[k].append(np.asarray(v).astype(np.int64).tolist())
     keep = [i for i in range(len(recs)) if sum(1 for x in cols['student_labels'][i] if x != -100) > 0]
-    if len(keep) < len(recs):   # e.g. a prompt longer than seq_len leaves no response token to train on
-        warnings.warn(f"dropped {len(recs) - len(keep)} of {len(recs)} examples with no scored token within seq_len={seq_len}")
+    if len(keep) < len(recs):   # a prompt longer than seq_len, or a text too short to hold a shared boundary past its first token
+        warnings.warn(f"dropped {len(recs) - len(keep)} of {len(recs)} examples with no scored token within seq_len={seq_len} "
+                      "(a prompt that fills seq_len, or a text whose only byte boundary both tokenizers share is its end)")
     return {k: [v[i] for i in keep] for k, v in cols.items()}
 
 # %% ../nbs/04_data.ipynb #558b1872
@@ -179,7 +183,7 @@ def collate(examples: list, student_pad_id: int = 0, teacher_pad_id: int = 0) ->
     return batch
 
 # %% ../nbs/04_data.ipynb #42ea1fff
-DATA_FORMAT_VERSION = 2
+DATA_FORMAT_VERSION = 3   # 3: both sides label exactly the same bytes (align.align_tokens `scored_from`)
 
 def _source_id(source: str) -> dict:
     "What identifies a data source's content cheaply (files: size + mtime)."

@@ -200,9 +200,11 @@ def evaluate(student, teacher, batches: Iterable, vocab_map: Optional[torch.Tens
     for side in ('student', 'teacher'):
         if side not in r['sums']: continue
         lm = _lm_summary(*r['sums'][side])
-        out |= {f'{side}_{k}': lm[k] for k in ('loss', 'ppl', 'bpb')} | {f'{side}_tokens': lm['tokens']}
+        out |= {f'{side}_{k}': lm[k] for k in ('loss', 'ppl', 'bpb')} | {f'{side}_tokens': lm['tokens'], f'{side}_bytes': lm['bytes']}
     s = r['sums']['student']
-    out |= {'tokens': s[1], 'bytes': s[2]}
+    # scored_bytes: the held-out bytes both bpb numbers are over (the data layer makes the two sides equal); NaN if they differ
+    same = 'teacher' not in r['sums'] or r['sums']['teacher'][2] == s[2]
+    out |= {'tokens': s[1], 'bytes': s[2], 'scored_bytes': s[2] if same else float('nan')}
     if 'teacher_bpb' in out:
         out['retention'] = out['teacher_bpb'] / out['student_bpb'] if out['student_bpb'] > 0 else float('nan')
     if student_bpb_before is not None:

@@ -243,6 +243,20 @@ def _kv_table(d: dict, head=('item', 'value')) -> list:
         rows.append(f"| {k} | {str(v).replace('|', '/')} |")
     return rows
 
+_WHICH_BYTES = 'from the first byte boundary both tokenizers share; instruction data: response bytes only'
+
+def _scored_bytes_line(final: dict) -> Optional[str]:
+    "Which held-out bytes the bits-per-byte numbers are over; says so plainly when the two sides' byte counts differ."
+    s, t = _num(final.get('student_bytes', final.get('bytes'))), _num(final.get('teacher_bytes'))
+    if s is None: return None
+    if t is None:
+        if _num(final.get('teacher_bpb')) is None: return f"Student bits per byte over {s:,.0f} held-out bytes ({_WHICH_BYTES})."
+        return (f"Student bits per byte over {s:,.0f} held-out bytes ({_WHICH_BYTES}); the teacher's byte count is not in these metrics "
+                "(e.g. its bpb came from the teacher cache), so that both sides scored the same bytes is not checked here.")
+    if s == t: return f"Held-out bits per byte over the same {s:,.0f} bytes on both sides ({_WHICH_BYTES})."
+    return (f"**Warning: the two sides were scored on different bytes**: student {s:,.0f}, teacher {t:,.0f} ({t - s:+,.0f}), "
+            "so their bits per byte and the knowledge retention do not compare the same text.")
+
 def _report_md(title: str, final: dict, summary: dict, config: dict, extra: dict, pngs: dict, errors: list) -> str:
     md = [f'# Distillation report: {title}', '']
     if final.get('error'): md += [f"**Final evaluation failed:** `{final['error']}` (the figures below come from the training history).", '']
@@ -253,9 +267,10 @@ def _report_md(title: str, final: dict, summary: dict, config: dict, extra: dict
         if _num(final.get('student_bpb_before')) is not None: head += f"; before distillation {_fmt(final['student_bpb_before'])}"
         md += [head + '.', '', 'Bits per byte (bpb) = total negative log-likelihood / (ln 2 × UTF-8 bytes): the only number comparable across '
                'tokenizers; lower is better. Knowledge retention = teacher bpb / student bpb.', '']
+        if line := _scored_bytes_line(final): md += [line, '']
         md += ['| held-out | student | teacher |', '|---|---|---|']
         for k, name, spec in (('bpb', 'bits per byte', '.4f'), ('loss', 'loss per token (nats)', '.4f'), ('ppl', 'perplexity (own tokens)', '.2f'),
-                              ('tokens', 'scored tokens', ',.0f')):
+                              ('tokens', 'scored tokens', ',.0f'), ('bytes', 'scored bytes', ',.0f')):
             md.append(f"| {name} | {_fmt(final.get(f'student_{k}'), spec)} | {_fmt(final.get(f'teacher_{k}'), spec)} |")
         if _num(final.get('agreement')) is not None:
             md += ['', f"Top-1 agreement with the teacher: **{_fmt(100 * final['agreement'], '.1f')} %**; KL(teacher‖student) "

@@ -17,9 +17,9 @@ from .models import load_teacher, load_student, head_spec, final_hidden_states, 
 from .checkpoint import TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints, default_print_every
 
 # %% auto #0
-__all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'OOM_ERRORS', 'kd_position_mask', 'Distiller', 'check_output_dir',
-           'check_resume_config', 'oom_advice', 'Run', 'setup_run', 'calibrate_router', 'train', 'Progress',
-           'evaluate_student_dir', 'demo_config']
+__all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'OOM_ERRORS', 'FINAL_METRICS', 'kd_position_mask', 'Distiller',
+           'check_output_dir', 'check_resume_config', 'oom_advice', 'Run', 'setup_run', 'calibrate_router',
+           'step_counts', 'forward_backward', 'train', 'Progress', 'evaluate_student_dir', 'demo_config']
 
 # %% ../nbs/10_train.ipynb #cc0c244d
 ROUTER_TERMS = ('feat', 'layer', 'attn', 'contr')
@@ -41,7 +41,7 @@ class Distiller(nn.Module):
     @property
     def teacher(self): return self._teacher[0]
 
-    def forward(self, batch: dict, weights: dict):
+    def forward(self, batch: dict, weights: dict, mean_over=None):
         from kd_kaggle.losses import fused_distill_loss, OnlineTeacher
         cfg, w = self.cfg, weights
         router_on = self.router is not None and any(w.get(t, 0) > 0 for t in ROUTER_TERMS)
@@ -68,13 +68,14 @@ class Distiller(nn.Module):
                                  ce_weight=w['ce'], kd_weight=w['kd'] if teacher_rows is not None else 0.0,
                                  chunk_size=cfg.loss_chunk, student_head_bias=sh.bias, logit_softcap=sh.softcap,
                                  logit_scale=sh.scale, teacher_vocab_limit=self.teacher_vocab_limit,
-                                 check_finite=False, **self._kd_options())
+                                 check_finite=False, mean_over=mean_over, **self._kd_options())
         loss = out.loss
         parts = {'ce': out.ce, 'kd_raw': out.kd_raw, 'kd': out.kd, 'n_kd': out.n_kd, 'n_ce': out.n_ce}
-        if router_on:
+        if router_on:   # router terms are means over this micro-batch: weigh them by its share of the step's tokens
+            share = 1.0 if mean_over is None else out.n_ce.clamp_min(1) / torch.as_tensor(mean_over[0]).clamp_min(1)
             terms = self.router.loss_terms(s_all, t_all, batch, w, s_cap, t_cap)
             for name, value in terms.items():
-                loss = loss + w[name] * value; parts[name] = value.detach()
+                loss = loss + w[name] * share * value; parts[name] = (share * value).detach()
         return loss, parts
 
     def _kd_options(self) -> dict:
@@ -211,6 +212,28 @@ def _tok_path(name: str, role: str) -> str:
     from kd_kaggle.models import resolve_model
     return resolve_model(name, role)
 
+# %% ../nbs/10_train.ipynb #f4038724
+def step_counts(batches: list, weights: dict, kd_positions: str = 'one_to_one', acc=None) -> torch.Tensor:
+    "Scored CE and KD positions `[2]` of one optimizer step (all micro-batches; per process under DDP, which averages)."
+    kd_on = weights.get('kd', 0) > 0
+    n = sum(torch.stack([(b['student_labels'] != -100).sum(),
+                         kd_position_mask(b, kd_positions).sum() if kd_on else b['student_labels'].new_zeros(())]) for b in batches)
+    if acc is not None and acc.num_processes > 1: n = acc.reduce(n, 'sum') / acc.num_processes
+    return n.float()
+
+def forward_backward(distiller, acc, batches: list, weights: dict, kd_positions: str = 'one_to_one') -> tuple:
+    "Forward + backward of every micro-batch of one step; (step loss, step parts, tokens seen on all processes)."
+    counts = step_counts(batches, weights, kd_positions, acc)
+    loss, parts = 0.0, {}
+    for i, batch in enumerate(batches):
+        with acc.no_sync(distiller) if i < len(batches) - 1 else contextlib.nullcontext():   # DDP syncs once, at the end
+            micro_loss, micro_parts = distiller(batch, weights, mean_over=counts)
+            acc.backward(micro_loss)
+        loss = loss + micro_loss.detach()
+        for k, v in micro_parts.items(): parts[k] = parts.get(k, 0) + v
+    tokens = sum(b['student_attention_mask'].sum() for b in batches)
+    return loss, parts, int(acc.reduce(tokens, 'sum') if acc.num_processes > 1 else tokens)
+
 # %% ../nbs/10_train.ipynb #8758e47d
 def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
     "Distil `cfg.teacher` into `cfg.student`; returns the final metrics (also written to the run's report)."
@@ -225,38 +248,36 @@ def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
         state.done, state.stop_reason = False, ''
     if state.done:
         log.say(f"kd_kaggle: run in {r.run_dir} already finished at step {state.step} ({state.stop_reason}); see report.md")
-        return (meta.get('baseline') or {}).get('final', {})
+        return _final_metrics(r.run_dir, meta)
     if acc.is_main_process: save_config(cfg, r.run_dir/'config.json')
     eval_batches = _eval_batches(r)
     baseline = meta.get('baseline') or _baseline(r, eval_batches)
     _header(r, log, state, budget)
     state.sessions += 1
-    stop, micro, t_step = '', 0, time.monotonic()
+    stop, micro_batches, t_step = '', [], time.monotonic()
     r.window = (state.tokens, budget.clock())   # throughput is measured from here, not from model loading
     progress = Progress(acc.is_main_process)
     while not stop:
-        loader = _epoch_loader(r, state)
-        for batch in loader:
+        for batch in _epoch_loader(r, state):
+            micro_batches.append(batch); state.batch_in_epoch += 1
+            if len(micro_batches) < cfg.grad_accum: continue
             weights = r.curriculum.weights(state.step / r.total_steps)
-            try:
-                with acc.no_sync(r.distiller) if (micro + 1) % cfg.grad_accum else _nullcontext():
-                    loss, parts = r.distiller(batch, weights)
-                    finite = _all_finite(acc, loss)
-                    if finite: acc.backward(loss / cfg.grad_accum)
+            try: loss, parts, tokens = forward_backward(r.distiller, acc, micro_batches, weights, cfg.kd_positions)
             except OOM_ERRORS: raise RuntimeError(oom_advice(cfg)) from None
-            micro += 1; state.batch_in_epoch += 1
-            state.tokens += int(acc.gather(batch['student_attention_mask'].sum()).sum())
-            if not finite:
-                r.optimizer.zero_grad(set_to_none=True); micro = 0
+            micro_batches = []
+            state.tokens += tokens
+            if not _all_finite(acc, loss):                # one check per step, after every micro-batch's backward
+                r.optimizer.zero_grad(set_to_none=True)
                 state.skipped_steps += 1; state.bad_in_row += 1
                 if state.bad_in_row >= cfg.max_bad_steps:
                     raise FloatingPointError(f"{state.bad_in_row} non-finite losses in a row at step {state.step}: aborting. "
                                              "Lower lr, use precision='fp32' to check, or inspect the data near this step")
                 continue
-            if micro % cfg.grad_accum: continue
             grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-            r.optimizer.step(); r.scheduler.step(); r.optimizer.zero_grad(set_to_none=True)
-            state.step += 1; state.bad_in_row = 0; micro = 0
+            r.optimizer.step()
+            if not acc.optimizer_step_was_skipped: r.scheduler.step()   # GradScaler skipped it: the lr schedule waits too
+            r.optimizer.zero_grad(set_to_none=True)
+            state.step += 1; state.bad_in_row = 0
             now = time.monotonic(); budget.record('step', now - t_step); t_step = now
             if state.step % cfg.log_every == 0 or state.step == r.total_steps:
                 rec = _train_record(r, state, parts, weights, loss, grad_norm, budget)
@@ -265,11 +286,11 @@ def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
                 if log.due(state.step): log.say(_console_line(r, state, rec, budget))
             stop = _stop_reason(r, state, budget)
             if state.step % cfg.eval_every == 0 and not stop: stop = _eval_and_maybe_stop(r, state, log, eval_batches, budget, callback)
-            if stop: break                                # _finish evaluates and saves once
+            if stop: break                                # _finish saves and evaluates once
             if state.step % cfg.save_every == 0: _save(r, state, log, budget, baseline)
             t_step = time.monotonic()                     # eval/save time is not step time
         else:
-            state.epoch += 1; state.batch_in_epoch = 0
+            state.epoch += 1; state.batch_in_epoch = 0    # a step may span two epochs: its micro-batches carry over
     progress.close()
     return _finish(r, state, log, eval_batches, budget, baseline, stop)
 
@@ -441,7 +462,7 @@ def _resume(r, log) -> dict:
     if r.acc.is_main_process and (path/'metrics.jsonl').is_file():
         atomic_write_text(log.path, ''.join(l + '\n' for l in _records_upto((path/'metrics.jsonl').read_text(), state.step)))
     log.say(f"kd_kaggle: resumed from {path} at step {state.step} (epoch {state.epoch}, {state.tokens:,} tokens, session {state.sessions + 1})")
-    return {**meta, 'state_obj': state}
+    return {**meta, 'state_obj': state, 'path': path}
 
 def _records_upto(text: str, step: int) -> list:
     "The JSONL lines of `text` with step <= `step` (a torn last line from a kill is dropped)."
@@ -466,23 +487,36 @@ def _header(r, log, state, budget) -> None:
             f"console line every {log.print_every} steps, metrics in {log.path}")
 
 def _finish(r, state, log, eval_batches, budget, baseline, stop) -> dict:
-    "Final evaluation, checkpoint, saved student and report; returns the final metrics."
+    "Final checkpoint and saved student first, then the final evaluation and the report: a failing eval never costs the weights."
     acc = r.acc
     state.done = stop in ('done', 'early_stop'); state.stop_reason = stop
-    final = {}
-    if acc.is_main_process:
+    _save(r, state, log, budget, baseline)            # every process takes part; nothing after this waits for the others
+    if not acc.is_main_process: return {}
+    _save_student(r, r.run_dir/'student')
+    try:
         final = _evaluate(r, eval_batches)
-        final['student_bpb_before'] = baseline.get('student_bpb_before')
-        if final.get('student_bpb_before') is not None: final['bpb_gain'] = final['student_bpb_before'] - final['student_bpb']
-        log.write({'step': state.step, **{f'eval_{k}': v for k, v in final.items() if isinstance(v, (int, float))}})
-        _save_student(r, r.run_dir/'student')
-    _save(r, state, log, budget, {**baseline, 'final': final})
-    if acc.is_main_process:
-        _write_report(r, state, log, budget, baseline, final)
-        log.say(f"kd_kaggle: {stop} at step {state.step}: student bpb {baseline.get('student_bpb_before') or float('nan'):.3f} -> "
-                f"{final.get('student_bpb', float('nan')):.3f} (teacher {final.get('teacher_bpb', float('nan')):.3f}, retention "
-                f"{final.get('retention', float('nan')):.2f}); student saved to {r.run_dir/'student'}; report {r.run_dir/'report.md'}")
+    except Exception as e:                            # e.g. an OOM in the teacher pass: the run's weights are already safe
+        log.say(f"kd_kaggle: final evaluation failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
+                f"student ({r.run_dir/'student'}) and the checkpoint are saved: evaluate later with kd-kaggle eval --run {r.run_dir}")
+        final = {'eval_error': f"{type(e).__name__}: {e}"}
+    final['student_bpb_before'] = baseline.get('student_bpb_before')
+    if final.get('student_bpb_before') is not None and 'student_bpb' in final: final['bpb_gain'] = final['student_bpb_before'] - final['student_bpb']
+    log.write({'step': state.step, **{f'eval_{k}': v for k, v in final.items() if isinstance(v, (int, float))}})
+    atomic_write_text(r.run_dir/FINAL_METRICS, json.dumps({'step': state.step, **final}, indent=1, default=str))
+    _write_report(r, state, log, budget, baseline, final)
+    log.say(f"kd_kaggle: {stop} at step {state.step}: student bpb {baseline.get('student_bpb_before') or float('nan'):.3f} -> "
+            f"{final.get('student_bpb', float('nan')):.3f} (teacher {final.get('teacher_bpb', float('nan')):.3f}, retention "
+            f"{final.get('retention', float('nan')):.2f}); student saved to {r.run_dir/'student'}; report {r.run_dir/'report.md'}")
     return final
+
+FINAL_METRICS = 'final_metrics.json'
+
+def _final_metrics(run_dir: Path, meta: dict) -> dict:
+    "The final metrics of a finished run: its final_metrics.json, else what an older checkpoint stored."
+    for d in (Path(run_dir), *([Path(meta['path']).parents[1]] if meta.get('path') else [])):   # this run, or the resumed one
+        try: return {k: v for k, v in json.loads((d/FINAL_METRICS).read_text()).items() if k != 'step'}
+        except (OSError, json.JSONDecodeError): continue
+    return (meta.get('baseline') or {}).get('final', {})
 
 def _write_report(r, state, log, budget, baseline, final) -> None:
     try:

@@ -118,8 +118,8 @@ def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
     "A NaN loss skips the step (counted); max_bad_steps in a row aborts with a clear message."
     import kd_kaggle.train as tr
     real = tr.Distiller.forward
-    def nan_forward(self, batch, weights):
-        loss, parts = real(self, batch, weights)
+    def nan_forward(self, batch, weights, **kw):
+        loss, parts = real(self, batch, weights, **kw)
         return loss * float('nan'), parts
     monkeypatch.setattr(tr.Distiller, 'forward', nan_forward)
     with pytest.raises(FloatingPointError, match='3 non-finite losses in a row'): train(_cfg(tmp_path, max_bad_steps=3, max_steps=5))
@@ -196,3 +196,41 @@ def test_training_from_the_teacher_cache(tmp_path):
     from kd_kaggle.config import router_curriculum
     with pytest.raises(ValueError, match="router terms"):   # the cache stores no hidden states for the router
         train(_cfg(tmp_path, top_k=32, teacher_cache=str(tmp_path/'cache'), output_dir=str(tmp_path/'run2'), curriculum=router_curriculum()))
+
+def _student_weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(Path(run_dir)/'student'/'model.safetensors'))
+
+def test_step_is_token_weighted_whatever_the_micro_batching(tmp_path):
+    "Batch 8 x accumulation 1 and batch 4 x accumulation 2 (micro-batches of unequal token counts) take the same steps."
+    kw = dict(max_steps=3, log_every=1, eval_every=100, save_every=100, max_train_examples=64, curriculum={'ce': 1.0, 'kd': 1.0})
+    train(demo_config(tmp_path/'one', batch_size=8, grad_accum=1, **kw))
+    train(demo_config(tmp_path/'two', batch_size=4, grad_accum=2, **kw))
+    a, b = _losses(tmp_path/'one'), _losses(tmp_path/'two')
+    assert sorted(a) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-5 * abs(a[s]) for s in a), (a, b)
+    wa, wb = _student_weights(tmp_path/'one'), _student_weights(tmp_path/'two')
+    worst = max(((wa[k] - wb[k]).norm() / wa[k].norm().clamp_min(1e-12)).item() for k in wa)
+    assert worst < 1e-5, worst
+
+def test_lr_schedule_waits_on_steps_the_scaler_skipped(tmp_path, monkeypatch):
+    "An fp16 step GradScaler skipped (overflow) does not advance the lr schedule: warmup is not eaten by overflow steps."
+    import accelerate
+    monkeypatch.setattr(accelerate.Accelerator, 'optimizer_step_was_skipped', property(lambda self: True))
+    train(_cfg(tmp_path, max_steps=4, log_every=1, warmup_ratio=0.5, save_every=100, eval_every=100))
+    recs = [json.loads(l) for l in (tmp_path/'run'/'metrics.jsonl').read_text().splitlines() if '"lr"' in l]
+    assert [r['lr'] for r in recs] == [0.0] * 4, [r['lr'] for r in recs]   # still at the start of warmup
+
+def test_failing_final_eval_keeps_student_and_checkpoint(tmp_path, monkeypatch, capsys):
+    "An exception in the final evaluation (e.g. an OOM in the teacher pass) costs neither the student nor the checkpoint."
+    import kd_kaggle.train as tr
+    real, calls = tr._evaluate, {'n': 0}
+    def evaluate_then_fail(*a, **k):
+        calls['n'] += 1
+        if calls['n'] > 1: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return real(*a, **k)
+    monkeypatch.setattr(tr, '_evaluate', evaluate_then_fail)
+    m = train(_cfg(tmp_path, max_steps=3, save_every=100, eval_every=100))
+    run = tmp_path/'run'
+    assert (run/'student'/'model.safetensors').is_file() and (run/'checkpoints'/'checkpoint-00000003').is_dir()
+    assert 'OutOfMemoryError' in m['eval_error'] and (run/'report.md').is_file()
+    assert 'final evaluation failed' in capsys.readouterr().out
