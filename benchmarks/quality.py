@@ -570,6 +570,9 @@ def main(argv=None):
     ap.add_argument('--teacher-patience', type=int, default=4)
     ap.add_argument('--force-datasets-shim', action='store_true')
     ap.add_argument('--render', default=None, help='re-render the .md/.png next to this results .json (no training)')
+    ap.add_argument('--stem', default=None, help='results file stem (default quality-<date>)')
+    ap.add_argument('--t4', action=argparse.BooleanOptionalAction, default=True,
+                    help='on a GPU, emulate a Kaggle T4: 15 GiB allocator cap, SDPA memory-efficient/math kernels only')
     args = ap.parse_args(argv)
     if args.render: return render(Path(args.render))
     deadline = T0 + args.deadline
@@ -587,7 +590,16 @@ def main(argv=None):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dev_name = torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU ({platform.processor() or platform.machine()})'
     policy = choose_precision(args.precision)
-    stem = f'quality-{args.date}' + ('-smoke' if args.smoke else '')
+    stem = args.stem or f'quality-{args.date}' + ('-smoke' if args.smoke else '')
+    import contextlib
+    emulation = contextlib.ExitStack()
+    if device.type == 'cuda' and args.t4:   # as benchmarks/train_gpu.py: what a T4 has (the precision is --precision)
+        from torch.nn.attention import sdpa_kernel, SDPBackend
+        from kd_kaggle.env import use_repeat_kv_for_sdpa
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 15 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+        use_repeat_kv_for_sdpa()
+        emulation.enter_context(sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+        dev_name += ' (T4 emulation: 15 GiB cap, SDPA memory-efficient/math)'
     out, work = Path(args.out), Path(args.work)
     shutil.rmtree(work, ignore_errors=True); work.mkdir(parents=True)
     say(f"device {dev_name}, precision {policy.mixed}, torch {torch.__version__}, transformers {transformers.__version__}, {ds_note}")
