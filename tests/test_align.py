@@ -109,7 +109,8 @@ def test_s2t_and_one_to_one_mean_identical_prefixes_and_next_tokens(text, pair):
         s_next, t_next = a['student_ids'][i + 1], a['teacher_ids'][j + 1]
         assert sb[s_next] == tb[t_next], (text, i, j)
         assert int(vm[t_next]) == s_next, (text, sb[s_next], int(vm[t_next]))
-    np.testing.assert_array_equal(a['loss_mask'], np.arange(len(s_ends)) < len(s_ends) - 1)
+    # the per-side rule without a response start: every position that has a next token
+    np.testing.assert_array_equal(align_pair(t, s, text, same_bytes=False)['loss_mask'], np.arange(len(s_ends)) < len(s_ends) - 1)
 
 @SETTINGS
 @given(text=TEXT, name=st.sampled_from(NAMES))
@@ -132,14 +133,79 @@ def test_a_byte_per_token_student_puts_every_teacher_token_in_its_own_chunk(text
 
 @SETTINGS
 @given(text=TEXT, pair=st.sampled_from(PAIRS[:3]), data=st.data())
-def test_loss_mask_marks_positions_whose_next_token_reaches_the_response(text, pair, data):
+def test_per_side_loss_mask_marks_positions_whose_next_token_reaches_the_response(text, pair, data):
     start = data.draw(st.integers(0, len(text)))
-    a = align_pair(tok(pair[0]), tok(pair[1]), text, response_start_char=start)
+    a = align_pair(tok(pair[0]), tok(pair[1]), text, response_start_char=start, same_bytes=False)
     start_byte = len(text[:start].encode())
     for mask, tk in ((a['loss_mask'], tok(pair[1])), (a['teacher_loss_mask'], tok(pair[0]))):
         _, ends = spans(tk, text)
         expect = np.zeros(len(ends), bool); expect[:-1] = ends[1:] > start_byte
         np.testing.assert_array_equal(mask, expect)
+
+def scored_spans(ends, mask):
+    "(start, end) byte spans of the tokens a side labels: the next token of every masked position."
+    p = np.flatnonzero(mask)
+    assert (p + 1 < len(ends)).all()
+    return [(int(ends[i]), int(ends[i + 1])) for i in p]
+
+def check_same_bytes(a, text, start_byte):
+    "Both sides label one contiguous byte range, the same one, starting at the first admissible shared boundary."
+    s_ends, t_ends = np.cumsum(a['student_byte_lens']), np.cumsum(a['teacher_byte_lens'])
+    total = int(s_ends[-1]) if len(s_ends) else 0
+    assert total == (int(t_ends[-1]) if len(t_ends) else 0) <= len(text.encode())
+    b = int(a['scored_from'])
+    for ends, lens, mask in ((s_ends, a['student_byte_lens'], a['loss_mask']), (t_ends, a['teacher_byte_lens'], a['teacher_loss_mask'])):
+        sp = scored_spans(ends, mask)
+        assert all(e > st_ for st_, e in sp)                                    # only tokens with bytes are labelled
+        assert [x for x, _ in sp[1:]] == [e for _, e in sp[:-1]]                 # contiguous, in order
+        assert ((sp[0][0], sp[-1][1]) == (b, total)) if sp else b == total       # exactly bytes[b:total]
+        assert sum(lens[1:][mask[:-1]]) == total - b                             # what the data layer sums as label bytes
+    # b is a boundary both sides share, past the response start (clipped to the kept bytes when truncated) and past each
+    # side's first token it cannot predict ...
+    assert b == 0 or (b in s_ends[a['student_byte_lens'] > 0] and b in t_ends[a['teacher_byte_lens'] > 0])
+    lo = max([min(start_byte or 0, total)] + [int(e[0]) for e, l in ((s_ends, a['student_byte_lens']), (t_ends, a['teacher_byte_lens'])) if len(l) and l[0] > 0])
+    assert b >= lo
+    # ... and the first such boundary: none lies in [lo, b)
+    assert not set(range(lo, b)) & ({0} | (set(s_ends.tolist()) & set(t_ends.tolist())))
+
+@SETTINGS
+@given(text=TEXT, pair=st.sampled_from(PAIRS), bos=st.sampled_from([None, True, False]), data=st.data())
+def test_both_sides_score_the_same_contiguous_bytes(text, pair, bos, data):
+    t, s = tok(pair[0]), tok(pair[1])
+    if bos and s.bos_token_id is None: bos = None
+    start = data.draw(st.one_of(st.none(), st.integers(0, len(text))))
+    max_length = data.draw(st.one_of(st.none(), st.integers(1, 16)))
+    a = align_pair(t, s, text, response_start_char=start, add_student_bos=bos, max_length=max_length)
+    check_same_bytes(a, text, None if start is None else len(text[:start].encode()))
+
+@pytest.mark.parametrize('pair', [('qwen2', 'smollm2'), ('qwen2', 'mistral'), ('qwen2', 'tinyllama'), ('tinyllama', 'mistral'),
+                                  ('mistral', 'qwen2'), ('qwen2', 'gpt2'), ('qwen2', 'mistral_raw')])
+@pytest.mark.parametrize('bos', [None, True, False])
+def test_same_bytes_on_real_text_and_instruction_rows(pair, bos):
+    t, s = tok(pair[0]), tok(pair[1])
+    if bos and s.bos_token_id is None: bos = None
+    rows = [json.loads(l) for l in (FIX / 'text' / 'dolly_excerpt.jsonl').read_text().splitlines()[:8]]
+    texts = [normalize_text(r['prompt'] + r['output']) for r in rows]
+    starts = [len(normalize_text(r['prompt'])) for r in rows]
+    prose = [normalize_text(p) for p in (FIX / 'text' / 'austen_excerpt.txt').read_text().split('\n\n')[:8] if p.strip()]
+    for txts, sts in ((texts, starts), (prose, [None] * len(prose)), (texts, [None] * len(texts))):
+        b = align_batch(t, s, txts, sts, add_student_bos=bos, max_length=96)
+        for k, text in enumerate(txts):
+            a = {key: v[k] for key, v in b.items()}
+            check_same_bytes(a, text, None if sts[k] is None else len(text[:sts[k]].encode()))
+
+def test_a_student_bos_alone_no_longer_scores_bytes_the_teacher_cannot():
+    "The bug: SmolLM2 with its BOS predicted its first text token, Qwen2 (no BOS) could not, so the student scored more bytes."
+    text = 'Hello world, this is a test.'
+    a = align_pair(tok('qwen2'), tok('smollm2'), text, add_student_bos=True)
+    s_bytes = int(a['student_byte_lens'][1:][a['loss_mask'][:-1]].sum())
+    t_bytes = int(a['teacher_byte_lens'][1:][a['teacher_loss_mask'][:-1]].sum())
+    assert s_bytes == t_bytes == len(text) - len('Hello') and int(a['scored_from']) == len('Hello')
+    old = align_pair(tok('qwen2'), tok('smollm2'), text, add_student_bos=True, same_bytes=False)   # the per-side rule: 28 vs 23
+    assert int(old['student_byte_lens'][1:][old['loss_mask'][:-1]].sum()) == len(text) != t_bytes
+    # a BOS on both sides: every byte is scored
+    b = align_pair(tok('tinyllama'), tok('mistral'), text)
+    assert int(b['scored_from']) == 0 and b['loss_mask'][0] and b['teacher_loss_mask'][0]
 
 @SETTINGS
 @given(text=TEXT, pair=st.sampled_from(PAIRS[:3]), max_length=st.integers(1, 12))
