@@ -319,7 +319,7 @@ def run_trainer_arm(args, S, work, tr, ho, arm, time_budget_s) -> dict:
     last = train_recs[-1] if train_recs else {}
     return {'final': final, 'wall_s': wall, 'steps': max([r['step'] for r in recs] or [0]),
             'tokens_seen': int(last.get('tokens', 0)), 'curve': curve_from_records(recs, final.get('student_bpb_before')),
-            'train_tail': {k: last.get(k) for k in ('ce', 'kd_raw', 'feat', 'layer', 'attn', 'loss', 'tok_s', 'peak_mem_gib')},
+            'train_tail': {k: last.get(k) for k in ('ce', 'kd_raw', 'feat', 'layer', 'attn', 'loss', 'tok_s', 'peak_mem_gib', 'skipped', 'scaler_skipped', 'grad_scale')},
             'curriculum': cfg.curriculum, 'divergence': cfg.divergence}
 
 
@@ -591,15 +591,6 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU ({platform.processor() or platform.machine()})'
     policy = choose_precision(args.precision)
     stem = args.stem or f'quality-{args.date}' + ('-smoke' if args.smoke else '')
-    import contextlib
-    emulation = contextlib.ExitStack()
-    if device.type == 'cuda' and args.t4:   # as benchmarks/train_gpu.py: what a T4 has (the precision is --precision)
-        from torch.nn.attention import sdpa_kernel, SDPBackend
-        from kd_kaggle.env import use_repeat_kv_for_sdpa
-        torch.cuda.set_per_process_memory_fraction(min(1.0, 15 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
-        use_repeat_kv_for_sdpa()
-        emulation.enter_context(sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
-        dev_name += ' (T4 emulation: 15 GiB cap, SDPA memory-efficient/math)'
     out, work = Path(args.out), Path(args.work)
     shutil.rmtree(work, ignore_errors=True); work.mkdir(parents=True)
     say(f"device {dev_name}, precision {policy.mixed}, torch {torch.__version__}, transformers {transformers.__version__}, {ds_note}")
@@ -623,6 +614,15 @@ def main(argv=None):
         f"({sum(map(len, eval_ds['student_input_ids'])):,} held-out student tokens)")
 
     teacher_info = pretrain_teacher(args, S, train_ds, t_tok, device, work / 'teacher')
+    import contextlib
+    emulation = contextlib.ExitStack()
+    if device.type == 'cuda' and args.t4:   # after the teacher's pretraining (setup, not the user's path): what a T4 has
+        from torch.nn.attention import sdpa_kernel, SDPBackend
+        from kd_kaggle.env import use_repeat_kv_for_sdpa
+        torch.cuda.empty_cache(); torch.cuda.set_per_process_memory_fraction(min(1.0, 15 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+        use_repeat_kv_for_sdpa()
+        emulation.enter_context(sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+        dev_name += ' (T4 emulation: 15 GiB cap, SDPA memory-efficient/math)'
     student_info = make_student(args, S, s_tok, work / 'student_init')
 
     # teacher held-out bpb, measured once with the product's evaluate (bf16 teacher as the trainer loads it)

@@ -27,6 +27,7 @@ class TrainState:
     batch_in_epoch: int = 0     # micro-batches of this epoch already consumed
     tokens: int = 0             # student tokens seen (all processes)
     skipped_steps: int = 0      # non-finite losses skipped
+    scaler_skipped: int = 0     # fp16 updates GradScaler skipped (overflow); the lr schedule waits on them
     bad_in_row: int = 0
     best_metric: float = math.inf
     best_step: int = -1

@@ -275,7 +275,8 @@ def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
                 continue
             grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
             r.optimizer.step()
-            if not acc.optimizer_step_was_skipped: r.scheduler.step()   # GradScaler skipped it: the lr schedule waits too
+            if acc.optimizer_step_was_skipped: state.scaler_skipped += 1   # fp16 overflow: GradScaler skipped the update
+            else: r.scheduler.step()                                       # ...and the lr schedule waits with it
             r.optimizer.zero_grad(set_to_none=True)
             state.step += 1; state.bad_in_row = 0
             now = time.monotonic(); budget.record('step', now - t_step); t_step = now
@@ -348,6 +349,10 @@ def _stop_reason(r, state, budget) -> str:
 def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
+def _grad_scale(acc):
+    "GradScaler's current loss scale (fp16), else None."
+    return float(acc.scaler.get_scale()) if getattr(acc, 'scaler', None) is not None else None
+
 def _mean_over_processes(acc, loss, parts) -> tuple:
     "The loss and its parts averaged over DDP processes (one all-reduce), so logs describe the global batch."
     keys = [k for k in parts if not k.startswith('n_')]
@@ -361,7 +366,7 @@ def _train_record(r, state, parts, weights, loss, grad_norm, budget) -> dict:
     rec = {'step': state.step, 'progress': state.step / r.total_steps, 'epoch': state.epoch, 'tokens': state.tokens,
            'loss': float(loss.detach()), **{k: float(v) for k, v in parts.items()}, **{f'w_{k}': v for k, v in weights.items()},
            'lr': r.scheduler.get_last_lr()[0], 'grad_norm': float(grad_norm) if grad_norm is not None else None,
-           'skipped': state.skipped_steps, 'fp16_skipped': int(getattr(r.acc, 'optimizer_step_was_skipped', False)),
+           'skipped': state.skipped_steps, 'scaler_skipped': state.scaler_skipped, 'grad_scale': _grad_scale(r.acc),
            'elapsed_s': state.train_seconds + budget.elapsed, 'budget_left_s': budget.left, 'peak_mem_gib': _peak_gib()}
     last_tokens, last_t = getattr(r, 'window', (state.tokens, budget.start))
     now = budget.clock(); r.window = (state.tokens, now)
