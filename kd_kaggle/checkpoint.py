@@ -93,17 +93,26 @@ def read_checkpoint_meta(path) -> dict:
     if 'state' not in meta: raise ValueError(f"checkpoint {path} is corrupt: {f} has no 'state'")
     return meta
 
+def _checkpoint_dirs(root: Path, max_depth: int = 8):
+    "Every `checkpoint-*` dir at any depth under `root` (an attached Kaggle dataset nests the run folder); not inside one."
+    root_depth = len(root.parts)
+    for here, subdirs, _ in os.walk(root):
+        here = Path(here)
+        if len(here.parts) - root_depth >= max_depth: subdirs[:] = []; continue
+        ckpts = [d for d in subdirs if CKPT_RE.match(d)]
+        subdirs[:] = sorted(d for d in subdirs if d not in ckpts and not d.startswith('.'))   # skip .tmp-checkpoint-*
+        yield from (here/d for d in ckpts)
+
 def list_checkpoints(dirs) -> list:
-    "Sorted [(step, path)] of valid checkpoints found in `dirs` (each a run dir, its checkpoints/ dir, or a checkpoint)."
+    "Sorted [(step, path)] of valid checkpoints in `dirs` (each a checkpoint, or a folder searched at any depth)."
     found = {}
     for d in dirs:
         d = Path(d)
-        for cand in ([d] if CKPT_RE.match(d.name) else [*d.glob('checkpoint-*'), *d.glob('checkpoints/checkpoint-*')]):
-            m = CKPT_RE.match(cand.name)
-            if not m or not cand.is_dir(): continue
+        for cand in ([d] if CKPT_RE.match(d.name) else _checkpoint_dirs(d)):
+            if not cand.is_dir(): continue
             try: read_checkpoint_meta(cand)
             except ValueError: continue
-            found.setdefault(int(m.group(1)), cand)
+            found.setdefault(int(CKPT_RE.match(cand.name).group(1)), cand)
     return sorted(found.items())
 
 def load_checkpoint(path, models: dict, optimizer=None, scheduler=None, scaler=None, process_index: int = 0) -> tuple:

@@ -443,8 +443,16 @@ def _resume(r, log) -> dict:
     "Restore the newest valid checkpoint (resume='auto') or the given one; {} when there is nothing to resume."
     cfg = r.cfg
     if cfg.resume == 'auto':
+        missing = [d for d in cfg.resume_dirs if not Path(d).exists()]
+        if missing:
+            raise FileNotFoundError(f"KDConfig.resume_dirs: {missing[0]!r} does not exist; attach the saved output as a dataset "
+                                    "(Add Input) and pass its /kaggle/input/<name> folder, or remove the entry")
         found = list_checkpoints([r.run_dir/'checkpoints', *cfg.resume_dirs])
-        if not found: return {}
+        if not found:
+            if cfg.resume_dirs:   # the user expected a run to continue: never start over silently
+                log.say(f"kd_kaggle: WARNING: resume='auto' found no valid checkpoint under {r.run_dir/'checkpoints'} or "
+                        f"{', '.join(map(str, cfg.resume_dirs))} (searched at any depth): starting from step 0")
+            return {}
         path = found[-1][1]
     else:
         path = Path(cfg.resume)

@@ -1,5 +1,5 @@
 "Trainer (issue 6): learning, exact resume after SIGKILL, quiet console, and one clear error per bad input."
-import json, os, signal, subprocess, sys, textwrap, time
+import json, os, shutil, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest, torch
 from kd_kaggle.config import KDConfig
@@ -234,3 +234,25 @@ def test_failing_final_eval_keeps_student_and_checkpoint(tmp_path, monkeypatch, 
     assert (run/'student'/'model.safetensors').is_file() and (run/'checkpoints'/'checkpoint-00000003').is_dir()
     assert 'OutOfMemoryError' in m['eval_error'] and (run/'report.md').is_file()
     assert 'final evaluation failed' in capsys.readouterr().out
+
+def test_resume_finds_a_run_saved_as_a_kaggle_dataset(tmp_path, capsys):
+    "Next session on Kaggle: the old output is attached read-only under /kaggle/input/<name>/ with the run folder nested."
+    train(_cfg(tmp_path, max_steps=4, save_every=2, eval_every=100, output_dir=str(tmp_path/'working'/'kd_run')))
+    attached = tmp_path/'input'/'my-kd-output'/'kd_run'
+    shutil.copytree(tmp_path/'working'/'kd_run', attached)
+    for p in attached.rglob('*'): p.chmod(0o555 if p.is_dir() else 0o444)   # /kaggle/input is read-only
+    capsys.readouterr()
+    cfg = _cfg(tmp_path, max_steps=6, save_every=2, eval_every=100, output_dir=str(tmp_path/'next'/'kd_run'),
+               resume_dirs=[str(tmp_path/'input'/'my-kd-output')])
+    train(cfg)
+    out = capsys.readouterr().out
+    assert f"resumed from {attached/'checkpoints'/'checkpoint-00000004'} at step 4" in out and 'done at step 6' in out
+    assert sorted(_losses(tmp_path/'next'/'kd_run'))[-1] == 6
+
+def test_resume_dirs_that_do_not_exist_or_hold_nothing(tmp_path, capsys):
+    "A missing resume_dirs entry is one clear error; an entry with no checkpoint is a loud warning, not a silent restart."
+    with pytest.raises(FileNotFoundError, match=r"resume_dirs: .*nope.* does not exist"):
+        train(_cfg(tmp_path, resume_dirs=[str(tmp_path/'nope')]))
+    (tmp_path/'empty').mkdir()
+    train(_cfg(tmp_path, resume_dirs=[str(tmp_path/'empty')], eval_every=100, save_every=100))
+    assert 'WARNING: resume=\'auto\' found no valid checkpoint' in capsys.readouterr().out
