@@ -6,7 +6,7 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/checkpoint.html.md"""
 
 # %% ../nbs/09_checkpoint.ipynb #516f57e4
 from __future__ import annotations
-import json, math, os, random, re, shutil, sys, time
+import errno, hashlib, json, math, os, random, re, shutil, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Optional
@@ -15,8 +15,10 @@ from safetensors.torch import save_model, load_model
 from .config import atomic_write_text
 
 # %% auto #0
-__all__ = ['CKPT_RE', 'STATE_FILE', 'TrainState', 'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint_meta',
-           'list_checkpoints', 'load_checkpoint', 'Budget', 'default_print_every', 'RunLog']
+__all__ = ['CKPT_RE', 'LEFTOVER_RE', 'STATE_FILE', 'MANIFEST_FILE', 'TrainState', 'rng_state', 'set_rng_state',
+           'CheckpointDamaged', 'file_digest', 'write_manifest', 'read_manifest', 'clean_checkpoint_leftovers',
+           'save_checkpoint', 'read_checkpoint_meta', 'list_checkpoints', 'load_checkpoint', 'verify_checkpoint',
+           'latest_valid_checkpoint', 'Budget', 'default_print_every', 'RunLog']
 
 # %% ../nbs/09_checkpoint.ipynb #ec704595
 @dataclass
@@ -54,43 +56,110 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st['torch'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
-# %% ../nbs/09_checkpoint.ipynb #c190a471
+# %% ../nbs/09_checkpoint.ipynb #734d6232
 CKPT_RE = re.compile(r'^checkpoint-(\d{8})$')
-STATE_FILE = 'trainer_state.json'
+LEFTOVER_RE = re.compile(r'^\.(tmp|old|trash)-checkpoint-\d{8}$')   # a killed or failed save/prune left these
+STATE_FILE, MANIFEST_FILE = 'trainer_state.json', 'manifest.json'
 
+class CheckpointDamaged(ValueError):
+    "A checkpoint that must not be loaded; `why` names the file at fault."
+    def __init__(self, path, why: str, state: str = 'damaged'):
+        self.path, self.why = Path(path), why
+        super().__init__(f"checkpoint {path} is {state}: {why}; delete it or resume from an older one")
+
+def file_digest(path, block: int = 1 << 22) -> str:
+    "blake2b hex digest of the file at `path`, read in blocks."
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, 'rb') as f:
+        while (b := f.read(block)): h.update(b)
+    return h.hexdigest()
+
+def write_manifest(ckpt) -> dict:
+    "Record byte size and blake2b of every file of checkpoint folder `ckpt` in its manifest.json; call after all other files."
+    ckpt = Path(ckpt)
+    files = {f.name: {'bytes': f.stat().st_size, 'blake2b': file_digest(f)} for f in sorted(ckpt.iterdir())
+             if f.is_file() and f.name != MANIFEST_FILE and not f.name.startswith('.')}
+    atomic_write_text(ckpt/MANIFEST_FILE, json.dumps({'format': 1, 'files': files}, indent=1))
+    return files
+
+def read_manifest(ckpt) -> Optional[dict]:
+    "{file: {'bytes', 'blake2b'}} of checkpoint `ckpt`; None for one written before manifests; `CheckpointDamaged` if unreadable."
+    f = Path(ckpt)/MANIFEST_FILE
+    if not f.is_file(): return None
+    try:
+        files = json.loads(f.read_text())['files']
+        if all(isinstance(e['bytes'], int) and isinstance(e['blake2b'], str) for e in files.values()): return files
+    except (ValueError, KeyError, TypeError, AttributeError): pass
+    raise CheckpointDamaged(ckpt, f"{MANIFEST_FILE} is not a valid manifest")
+
+def _check_file(ckpt: Path, name: str, files: Optional[dict], hashes: bool = True) -> None:
+    "Raise `CheckpointDamaged` if file `name` of `ckpt` does not match the manifest `files` (None: unverifiable, pass)."
+    if files is None: return
+    if name not in files: raise CheckpointDamaged(ckpt, f"{name} is not in its {MANIFEST_FILE} (added after the save?)")
+    f, want = ckpt/name, files[name]
+    if not f.is_file(): raise CheckpointDamaged(ckpt, f"{name} is missing")
+    if (size := f.stat().st_size) != want['bytes']:
+        raise CheckpointDamaged(ckpt, f"{name} has {size:,} bytes, its {MANIFEST_FILE} says {want['bytes']:,} (truncated?)")
+    if hashes and file_digest(f) != want['blake2b']:
+        raise CheckpointDamaged(ckpt, f"{name} fails its blake2b checksum (changed on disk after it was saved)")
+
+# %% ../nbs/09_checkpoint.ipynb #c190a471
 def _noop(): pass
+
+def clean_checkpoint_leftovers(root) -> list:
+    "Remove `.tmp/.old/.trash-checkpoint-*` and `checkpoint-*` without trainer_state.json directly in the run's checkpoints dir `root`."
+    root = Path(root)
+    junk = [d for d in (sorted(root.iterdir()) if root.is_dir() else []) if d.is_dir()
+            and (LEFTOVER_RE.match(d.name) or CKPT_RE.match(d.name) and not (d/STATE_FILE).is_file())]
+    for d in junk: shutil.rmtree(d, ignore_errors=True)
+    return junk
+
+def _prune(root: Path, keep_last: int) -> None:
+    "Delete all but the newest `keep_last` checkpoints in `root`, each renamed away first: a kill mid-way leaves no partial one that looks valid."
+    for _, p in list_checkpoints([root])[:-keep_last]:
+        if p.parent != root: continue   # only what this run wrote
+        trash = root/f'.trash-{p.name}'
+        shutil.rmtree(trash, ignore_errors=True); os.replace(p, trash); shutil.rmtree(trash, ignore_errors=True)
 
 def save_checkpoint(root, state: TrainState, models: dict, optimizer=None, scheduler=None, scaler=None, extra: Optional[dict] = None,
                     keep_last: int = 2, process_index: int = 0, is_main: bool = True, barrier=_noop, files: Optional[dict] = None) -> Path:
-    "Write a complete checkpoint for `state.step` under `root` atomically (with copies of `files`: name -> path); prune to `keep_last`. Call on every process."
-    root = Path(root); final = root/f'checkpoint-{state.step:08d}'; tmp = root/f'.tmp-checkpoint-{state.step:08d}'
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-        for name, m in models.items(): save_model(m, str(tmp/f'{name}.safetensors'))
-        for name, obj in (('optimizer', optimizer), ('scheduler', scheduler), ('scaler', scaler)):
-            if obj is not None: torch.save(obj.state_dict(), tmp/f'{name}.pt')
-    barrier()
-    torch.save(rng_state(), tmp/f'rng_{process_index}.pt')
-    barrier()
-    if is_main:
-        for name, src in (files or {}).items():
-            if Path(src).is_file(): shutil.copy(src, tmp/name)
-        atomic_write_text(tmp/STATE_FILE, json.dumps({'state': asdict(state), **(extra or {})}, indent=1))
-        old = root/f'.old-checkpoint-{state.step:08d}'
-        if final.exists(): os.replace(final, old)   # never delete before the new one is in place
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        for old in list_checkpoints([root])[:-keep_last]: shutil.rmtree(old[1], ignore_errors=True)
+    "Write a complete checkpoint for `state.step` under `root` atomically (with copies of `files`: name -> path, and a manifest); prune to `keep_last`. Call on every process."
+    root = Path(root); n = f'{state.step:08d}'
+    final, tmp, old = root/f'checkpoint-{n}', root/f'.tmp-checkpoint-{n}', root/f'.old-checkpoint-{n}'
+    try:
+        if is_main:
+            clean_checkpoint_leftovers(root); tmp.mkdir(parents=True)
+            for name, m in models.items(): save_model(m, str(tmp/f'{name}.safetensors'))
+            for name, obj in (('optimizer', optimizer), ('scheduler', scheduler), ('scaler', scaler)):
+                if obj is not None: torch.save(obj.state_dict(), tmp/f'{name}.pt')
+        barrier()
+        torch.save(rng_state(), tmp/f'rng_{process_index}.pt')
+        barrier()
+        if is_main:
+            for name, src in (files or {}).items():
+                if Path(src).is_file(): shutil.copy(src, tmp/name)
+            atomic_write_text(tmp/STATE_FILE, json.dumps({'state': asdict(state), **(extra or {})}, indent=1))
+            write_manifest(tmp)
+            if final.exists(): os.replace(final, old)   # never delete before the new one is in place
+            os.replace(tmp, final)
+    except BaseException as e:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists(): os.replace(old, final)   # a failed re-save of this step keeps the previous one
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            err = OSError(f"no space left on device while writing checkpoint {state.step} to {root}: free space or lower keep_last")
+            err.errno = errno.ENOSPC; raise err from None
+        raise
+    if is_main: shutil.rmtree(old, ignore_errors=True); _prune(root, keep_last)
     barrier()
     return final
 
 def read_checkpoint_meta(path) -> dict:
-    "The parsed trainer_state.json of checkpoint `path`; ValueError naming the file if it is missing or corrupt."
-    f = Path(path)/STATE_FILE
-    try: meta = json.loads(f.read_text())
-    except FileNotFoundError: raise ValueError(f"checkpoint {path} is incomplete: {STATE_FILE} is missing (killed during write?); delete it or resume from an older one") from None
-    except json.JSONDecodeError as e: raise ValueError(f"checkpoint {path} is corrupt: {f} is not valid JSON ({e.msg}); delete it or resume from an older one") from None
-    if 'state' not in meta: raise ValueError(f"checkpoint {path} is corrupt: {f} has no 'state'")
+    "The parsed trainer_state.json of checkpoint `path`; `CheckpointDamaged` (a ValueError) naming the file if it is missing or corrupt."
+    try: meta = json.loads((Path(path)/STATE_FILE).read_text())
+    except FileNotFoundError: raise CheckpointDamaged(path, f"{STATE_FILE} is missing (killed during write?)", 'incomplete') from None
+    except ValueError as e: raise CheckpointDamaged(path, f"{STATE_FILE} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')})", 'corrupt') from None
+    if not isinstance(meta, dict) or 'state' not in meta: raise CheckpointDamaged(path, f"{STATE_FILE} has no 'state'", 'corrupt')
     return meta
 
 def _checkpoint_dirs(root: Path, max_depth: int = 8):
@@ -103,33 +172,54 @@ def _checkpoint_dirs(root: Path, max_depth: int = 8):
         subdirs[:] = sorted(d for d in subdirs if d not in ckpts and not d.startswith('.'))   # skip .tmp-checkpoint-*
         yield from (here/d for d in ckpts)
 
+def _candidates(dirs):
+    "(step, path) of every `checkpoint-*` folder in `dirs` (each a checkpoint, or a folder searched at any depth), in `dirs` order."
+    for d in map(Path, dirs):
+        for cand in ([d] if CKPT_RE.match(d.name) else _checkpoint_dirs(d)):
+            if cand.is_dir(): yield int(CKPT_RE.match(cand.name).group(1)), cand
+
 def list_checkpoints(dirs) -> list:
     "Sorted [(step, path)] of valid checkpoints in `dirs` (each a checkpoint, or a folder searched at any depth)."
     found = {}
-    for d in dirs:
-        d = Path(d)
-        for cand in ([d] if CKPT_RE.match(d.name) else _checkpoint_dirs(d)):
-            if not cand.is_dir(): continue
-            try: read_checkpoint_meta(cand)
-            except ValueError: continue
-            found.setdefault(int(CKPT_RE.match(cand.name).group(1)), cand)
+    for step, cand in _candidates(dirs):
+        try: read_checkpoint_meta(cand)
+        except ValueError: continue
+        found.setdefault(step, cand)
     return sorted(found.items())
 
 def load_checkpoint(path, models: dict, optimizer=None, scheduler=None, scaler=None, process_index: int = 0) -> tuple:
-    "Restore everything `save_checkpoint` wrote into the given objects; returns (TrainState, meta dict)."
-    path = Path(path); meta = read_checkpoint_meta(path)
-    def need(name):
-        f = path/name
-        if not f.is_file(): raise ValueError(f"checkpoint {path} is corrupt: {name} is missing; delete it or resume from an older one")
-        return f
-    for name, m in models.items(): load_model(m, str(need(f'{name}.safetensors')))
-    for name, obj in (('optimizer', optimizer), ('scheduler', scheduler)):
-        if obj is not None: obj.load_state_dict(torch.load(need(f'{name}.pt'), weights_only=True))
-    if scaler is not None and (path/'scaler.pt').is_file():   # a bf16/fp32 run has no scaler: keep the fresh one
-        scaler.load_state_dict(torch.load(path/'scaler.pt', weights_only=True))
-    rng = path/f'rng_{process_index}.pt'
-    set_rng_state(torch.load(rng if rng.is_file() else need('rng_0.pt'), weights_only=True))
+    "Restore everything `save_checkpoint` wrote into the given objects, all files checked against the manifest first; returns (TrainState, meta dict)."
+    path = Path(path); meta = read_checkpoint_meta(path); files = read_manifest(path)
+    has = lambda name: (path/name).is_file() or name in (files or {})
+    pts = {'optimizer': optimizer, 'scheduler': scheduler, 'scaler': scaler if has('scaler.pt') else None}   # a bf16/fp32 run has no scaler
+    rng = f'rng_{process_index}.pt' if has(f'rng_{process_index}.pt') else 'rng_0.pt'
+    for name in (STATE_FILE, *(f'{n}.safetensors' for n in models), *(f'{n}.pt' for n, o in pts.items() if o is not None), rng):
+        if not (path/name).is_file(): raise CheckpointDamaged(path, f"{name} is missing", 'corrupt')
+        _check_file(path, name, files)   # everything before loading anything: a damaged file leaves the objects untouched
+    for name, m in models.items(): load_model(m, str(path/f'{name}.safetensors'))
+    for name, obj in pts.items():
+        if obj is not None: obj.load_state_dict(torch.load(path/f'{name}.pt', weights_only=True))
+    set_rng_state(torch.load(path/rng, weights_only=True))
     return TrainState(**meta['state']), meta
+
+# %% ../nbs/09_checkpoint.ipynb #4ef188d3
+def verify_checkpoint(path, hashes: bool = True) -> bool:
+    "Check checkpoint `path` against its manifest (sizes, and blake2b if `hashes`): True if verified, False if it has none; else `CheckpointDamaged`."
+    path = Path(path); read_checkpoint_meta(path); files = read_manifest(path)
+    for name in (files or {}): _check_file(path, name, files, hashes=hashes)
+    return files is not None
+
+def latest_valid_checkpoint(dirs, say=print, hashes: bool = True) -> Optional[Path]:
+    "The newest checkpoint in `dirs` that passes `verify_checkpoint` (`say`ing why newer ones were skipped); None if there is none."
+    damaged = []
+    for _, p in sorted(_candidates(dirs), key=lambda c: -c[0]):   # stable: the first of `dirs` wins a tie
+        try: verified = verify_checkpoint(p, hashes)
+        except CheckpointDamaged as e: damaged.append(e); continue
+        for e in damaged: say(f"kd_kaggle: WARNING: checkpoint {e.path} is damaged ({e.why}); falling back to checkpoint {p}")
+        if not verified: say(f"kd_kaggle: checkpoint {p} has no {MANIFEST_FILE} (saved before checksums): loading it unverified")
+        return p
+    for e in damaged: say(f"kd_kaggle: WARNING: checkpoint {e.path} is damaged ({e.why}); no older valid checkpoint")
+    return None
 
 # %% ../nbs/09_checkpoint.ipynb #278f18fc
 class Budget:
