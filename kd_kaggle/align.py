@@ -19,15 +19,24 @@ __all__ = ['load_tokenizer', 'tokenizer_kind', 'TokenTable', 'token_table', 'tok
            'format_align_report']
 
 # %% ../nbs/03_align.ipynb #f3ffbc81
+_TOKENIZER_FILES = ('tokenizer.json', 'vocab.json', 'tokenizer.model', 'vocab.txt', 'spiece.model', '*.tiktoken', 'sentencepiece*.model')
+
 def load_tokenizer(name_or_path, **kwargs):
     "Load a fast HF tokenizer from a folder or hub id, or check and return an already loaded one."
     tok = name_or_path
     if isinstance(name_or_path, (str, Path)):
         from transformers import AutoTokenizer
+        p = Path(name_or_path).expanduser()
+        if p.is_dir() and not any(any(p.glob(g)) for g in _TOKENIZER_FILES):
+            raise FileNotFoundError(f"{str(p)!r} has no tokenizer files (tokenizer.json, vocab.json + merges.txt, or tokenizer.model): "
+                                    "copy the model's tokenizer files into that folder (or point to the folder that has them)")
         try: tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
         except (OSError, ValueError) as e:
-            raise OSError(f"could not load a tokenizer from {str(name_or_path)!r} ({e}); pass a local folder with "
+            raise OSError(f"could not load a tokenizer from {str(name_or_path)!r} ({' '.join(str(e).split())}); pass a local folder with "
                           "tokenizer.json (or vocab.json + merges.txt); under HF_HUB_OFFLINE=1 a hub id must already be cached") from e
+        if len(tok) < 2:
+            raise ValueError(f"the tokenizer loaded from {str(name_or_path)!r} has {len(tok)} token(s): its tokenizer files are empty or "
+                             "incomplete; copy the model's tokenizer.json (or vocab.json + merges.txt) into that folder")
     if not getattr(tok, 'is_fast', False) or getattr(tok, 'backend_tokenizer', None) is None:
         raise TypeError(f"kd_kaggle needs a fast tokenizer (a Rust `tokenizers` backend, is_fast=True) to compute byte spans; "
                         f"got {type(tok)}. Load it with load_tokenizer(folder) from a folder holding tokenizer.json")
@@ -387,16 +396,9 @@ def sample_texts(path, max_chars=200_000) -> list:
     "An evenly spaced sample (≤ max_chars; None = all) of a .txt file's paragraphs or a .jsonl file's prompt+output rows."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"text file {path} not found: pass a .txt or .jsonl file")
-    if path.suffix == '.jsonl':
-        texts = []
-        for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
-            if not line.strip(): continue
-            try: row = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: not a JSON object ({e}); a .jsonl file holds one per line") from e
-            if 'prompt' in row and 'output' in row: texts.append(row['prompt'] + row['output'])
-            elif 'text' in row: texts.append(row['text'])
-            else: raise ValueError(f"{path}:{n}: a .jsonl row needs 'prompt' and 'output' fields (or 'text'); got {sorted(row)}")
-    else: texts = [p for p in re.split(r'\n\s*\n', path.read_text(encoding='utf-8')) if p.strip()]
+    from kd_kaggle.data import read_jsonl, read_text   # one reader: bad rows and bytes are one line naming file and line
+    if path.suffix == '.jsonl': texts = [r['text'] for r in read_jsonl(path)]
+    else: texts = [p for p in re.split(r'\n\s*\n', read_text(path)) if p.strip()]
     if max_chars is None: return texts
     step, out, used = max(1, -(-sum(map(len, texts)) // max(max_chars, 1))), [], 0
     for t in texts[::step]:

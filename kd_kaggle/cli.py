@@ -11,19 +11,26 @@ from pathlib import Path
 from .config import KDConfig, add_config_args, config_from_args, load_config
 
 # %% auto #0
-__all__ = ['COMMANDS', 'build_parser', 'cmd_doctor', 'cmd_align_report', 'cmd_train', 'cmd_eval', 'cmd_demo', 'cmd_cache_teacher',
-           'main']
+__all__ = ['EVAL_FIELDS', 'COMMANDS', 'build_parser', 'cmd_doctor', 'cmd_align_report', 'cmd_train', 'cmd_eval', 'cmd_demo',
+           'cmd_cache_teacher', 'main']
 
 # %% ../nbs/13_cli.ipynb #81b2cd47
 class _Parser(argparse.ArgumentParser):
-    "argparse that reports a usage error as one line and exit code 2."
+    "argparse that reports a usage error as one line (`kd-kaggle train: error: ...`) and exit code 2."
     def error(self, message):
-        print(f"kd-kaggle {self.prog.split()[-1]}: error: {message}", file=sys.stderr); sys.exit(2)
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr); sys.exit(2)
+
+EVAL_FIELDS = ('teacher', 'data', 'data_format', 'eval_data', 'eval_fraction', 'max_train_examples', 'max_eval_examples', 'seq_len',
+               'cache_dir', 'batch_size', 'precision', 'kd_positions', 'output_dir', 'seed')   # the KDConfig fields `eval` reads
 
 def build_parser() -> argparse.ArgumentParser:
     "The kd-kaggle argument parser with all subcommands."
+    from kd_kaggle import __version__
     p = _Parser(prog='kd-kaggle', description='Cross-tokenizer LLM distillation for Kaggle GPUs.')
+    p.add_argument('--version', action='version', version=f'kd-kaggle {__version__}')
+    p.add_argument('--debug', action='store_true', default=False, help='show the full traceback of an error (or set KD_KAGGLE_DEBUG=1)')
     sub = p.add_subparsers(dest='command', required=True, parser_class=_Parser)
+    debug = lambda q: q.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of an error')
     d = sub.add_parser('doctor', help='check GPU, torch build, precision, disk and network; exit 1 on a blocking problem')
     d.add_argument('--output-dir', default='.', help='where the run will write (checked for space and permissions)')
     a = sub.add_parser('align-report', help="alignment diagnostics of a teacher/student tokenizer pair on sample text")
@@ -34,12 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser('eval', help='evaluate a saved student (a run dir, or --student-dir with teacher/data flags)')
     e.add_argument('--run', help='a run dir written by train (uses its config.json and student/)')
     e.add_argument('--student-dir', help='a student saved with save_pretrained'); e.add_argument('--config', help='config file')
-    add_config_args(e); e.add_argument('--json', action='store_true')
+    add_config_args(e, only=EVAL_FIELDS); e.add_argument('--json', action='store_true')
     c = sub.add_parser('cache-teacher', help='run the teacher once over the training data and store its top-k targets (resumable)')
     c.add_argument('--config', help='JSON/YAML config file; flags override it'); add_config_args(c)
     c.add_argument('--output', help='cache dir (default: --teacher-cache, else <output_dir>/teacher_cache)')
     m = sub.add_parser('demo', help='distil the embedded tiny teacher into the tiny student on CPU (offline, ~2 minutes)')
     m.add_argument('--output-dir', default='runs/demo'); m.add_argument('--max-steps', type=int, default=None)
+    for q in (d, a, t, e, c, m): debug(q)
     return p
 
 # %% ../nbs/13_cli.ipynb #0b11a9c6
@@ -89,12 +97,21 @@ def cmd_cache_teacher(args) -> int:
 
 COMMANDS = {'cache-teacher': cmd_cache_teacher, 'doctor': cmd_doctor, 'align-report': cmd_align_report, 'train': cmd_train, 'eval': cmd_eval, 'demo': cmd_demo}
 
+def _one_line(e: BaseException) -> str:
+    "The message of `e` on one line."
+    return ' '.join(str(e).split()) or type(e).__name__
+
 def main(argv=None) -> int:
-    "Entry point of the `kd-kaggle` console script."
+    "Entry point of `kd-kaggle`: an error is one stderr line, exit 2 (usage/config), 1 (the job failed) or 130 (Ctrl-C)."
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     args = build_parser().parse_args(argv)
+    where = f"kd-kaggle {args.command}"
+    if args.debug or os.environ.get('KD_KAGGLE_DEBUG', '') not in ('', '0'): return COMMANDS[args.command](args)   # full tracebacks
     try: return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        again = '; run the same command with --resume auto to continue' if args.command == 'train' else ''
+        print(f"{where}: interrupted (Ctrl-C){again}", file=sys.stderr); return 130
     except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"kd-kaggle {args.command}: error: {e}", file=sys.stderr); return 2
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr); return 2
     except (RuntimeError, FloatingPointError, OSError) as e:
-        print(f"kd-kaggle {args.command}: failed: {e}", file=sys.stderr); return 1
+        print(f"{where}: error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr); return 1

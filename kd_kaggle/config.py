@@ -134,6 +134,8 @@ class KDConfig:
     output_dir: str = _f('runs/kd', "run directory (Kaggle: /kaggle/working/...)")
     resume: Optional[str] = _f(None, "'auto' (latest valid checkpoint in output_dir or resume_dirs), a checkpoint dir, or None")
     resume_dirs: list = _f([], "extra read-only dirs searched by resume='auto' (e.g. an attached /kaggle/input dataset)")
+    allow_resume_changes: bool = _f(False, "resume even if the loss settings (divergence, temperature, t2_scaling, top_k, kd_positions, "
+                                           "curriculum, ...) differ from the checkpoint's")
     seed: int = _f(0, "random seed")
 
     def __post_init__(self): validate_config(self)
@@ -211,6 +213,7 @@ def validate_config(c: KDConfig) -> None:
     _check_int(c, 'patience', 1, 5, optional=True)
     if c.resume is not None and (not isinstance(c.resume, str) or not c.resume.strip()): _bad('resume', c.resume, "must be 'auto', a checkpoint dir or None", 'auto')
     if not isinstance(c.resume_dirs, (list, tuple)): _bad('resume_dirs', c.resume_dirs, "must be a list of dirs", ['/kaggle/input/my-run'])
+    if not isinstance(c.allow_resume_changes, bool): _bad('allow_resume_changes', c.allow_resume_changes, "must be true or false", True)
     _check_int(c, 'seed', 0, 0)
 
 # %% ../nbs/00_config.ipynb #77667b41
@@ -255,15 +258,29 @@ def save_config(cfg: KDConfig, path) -> Path:
         return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return atomic_write_text(path, json.dumps(config_to_dict(cfg), indent=2) + '\n')
 
+def _parse_config_text(text: str, path: Path):
+    "The mapping in a config file's `text`; a syntax error becomes one line naming the file and line."
+    if path.suffix in ('.yaml', '.yml'):
+        import yaml
+        try: return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, 'problem_mark', None) or getattr(e, 'context_mark', None)
+            at = f":{mark.line + 1}" if mark is not None else ''
+            what = ' '.join(str(getattr(e, 'problem', None) or e).split())
+            raise ValueError(f"config file {str(path)}{at}: not valid YAML ({what}); fix the file or use a .json config") from None
+    try: return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {str(path)}:{e.lineno}: not valid JSON ({e.msg}); fix the file or write it as .yaml") from None
+
 def load_config(path) -> KDConfig:
     "Load a KDConfig from a JSON or YAML file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"config file {str(path)!r} not found")
-    text = path.read_text()
-    if path.suffix in ('.yaml', '.yml'):
-        import yaml
-        d = yaml.safe_load(text)
-    else: d = json.loads(text)
+    try: text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b'\n') + 1
+        raise ValueError(f"config file {str(path)}:{line}: not UTF-8 text; save it as UTF-8") from None
+    d = _parse_config_text(text, path)
     if not isinstance(d, dict): raise ValueError(f"config file {str(path)!r} must hold a mapping of field -> value")
     return config_from_dict(d)
 
@@ -285,9 +302,10 @@ def _flag_parser(type_str: str):
     parse.__name__ = base  # argparse names the type in its error message
     return parse
 
-def add_config_args(parser) -> None:
-    "Add one `--flag` per KDConfig field to an argparse `parser` (defaults left unset)."
+def add_config_args(parser, only: Optional[tuple] = None) -> None:
+    "Add one `--flag` per KDConfig field (or per field named in `only`) to an argparse `parser` (defaults left unset)."
     for f in fields(KDConfig):
+        if only is not None and f.name not in only: continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument('--' + f.name.replace('_', '-'), dest=f.name, type=_flag_parser(f.type), default=None,
                             metavar=f.type.replace('Optional[', '').rstrip(']').upper(),

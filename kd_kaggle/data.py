@@ -12,11 +12,20 @@ from typing import Optional
 import numpy as np, torch
 
 # %% auto #0
-__all__ = ['EXAMPLE_KEYS', 'DATA_FORMAT_VERSION', 'read_paragraphs', 'instruction_record', 'read_jsonl', 'load_records',
-           'split_long', 'pack_paragraphs', 'normalize_record', 'encode_examples', 'collate', 'data_cache_key',
-           'build_datasets', 'epoch_order', 'make_loader']
+__all__ = ['EXAMPLE_KEYS', 'DATA_FORMAT_VERSION', 'read_text', 'read_paragraphs', 'instruction_record', 'row_record',
+           'read_jsonl', 'load_records', 'split_long', 'pack_paragraphs', 'normalize_record', 'encode_examples',
+           'collate', 'data_cache_key', 'cache_problem', 'drop_message', 'build_datasets', 'epoch_order', 'make_loader']
 
 # %% ../nbs/04_data.ipynb #99237230
+def read_text(path) -> str:
+    "The text of a UTF-8 file; a byte that is not UTF-8 is one error line naming the file and line."
+    data = Path(path).read_bytes()
+    try: return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); re-save the file as UTF-8 "
+                         "(e.g. iconv -f latin1 -t utf-8 IN > OUT)") from None
+
 def read_paragraphs(path) -> list:
     "Non-empty paragraphs (blank-line separated) of a UTF-8 text file, or of every .txt file in a directory."
     path = Path(path)
@@ -24,15 +33,23 @@ def read_paragraphs(path) -> list:
     if not files: raise FileNotFoundError(f"data={str(path)!r}: the directory has no .txt files")
     paras = []
     for f in files:
-        text = f.read_text(encoding='utf-8').replace('\r\n', '\n')
+        text = read_text(f).replace('\r\n', '\n')
         paras += [p.strip() for p in text.split('\n\n') if p.strip()]
     return paras
 
 _ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n"
            "### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
+def _json_type(v) -> str:
+    "The JSON name of `v`'s type, for error messages."
+    return ('null' if v is None else 'a boolean' if isinstance(v, bool) else 'a number' if isinstance(v, (int, float))
+            else 'a list' if isinstance(v, list) else 'an object' if isinstance(v, dict) else type(v).__name__)
+
 def instruction_record(row: dict, where: str = 'row') -> dict:
     "{'text', 'response_start'} from a row with prompt/output, instruction[/input]/output, or prompt/response."
+    for k in ('prompt', 'output', 'response', 'instruction', 'input', 'context'):
+        if k in row and not isinstance(row[k], str) and not (k in ('input', 'context') and row[k] is None):
+            raise ValueError(f"{where}: field {k!r} must be a string, got {_json_type(row[k])}; fix or remove that row")
     out = row.get('output', row.get('response'))
     prompt = row.get('prompt')
     if prompt is None and 'instruction' in row:
@@ -40,47 +57,58 @@ def instruction_record(row: dict, where: str = 'row') -> dict:
         prompt = _ALPACA.format(ctx=', paired with an input that provides further context' if inp else '',
                                 instruction=row['instruction'], input=f"### Input:\n{inp}\n\n" if inp else '')
     if not isinstance(prompt, str) or not isinstance(out, str):
-        raise ValueError(f"{where}: an instruction row needs string fields prompt+output (or instruction[,input]+output); got keys {sorted(row)}")
+        raise ValueError(f"{where}: a row needs string fields 'prompt' and 'output' (or 'instruction'[, 'input'] and 'output', or 'text'); "
+                         f"got keys {sorted(row)}")
     return {'text': prompt + out, 'response_start': len(prompt)}
+
+def row_record(row, where: str = 'row') -> dict:
+    "The record of one data row: an object with a string 'text', or an instruction row (errors name `where`)."
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be a JSON object like {{\"text\": \"...\"}} or {{\"prompt\": \"...\", \"output\": \"...\"}}, "
+                         f"got {_json_type(row)}")
+    if 'text' not in row: return instruction_record(row, where)
+    if not isinstance(row['text'], str): raise ValueError(f"{where}: field 'text' must be a string, got {_json_type(row['text'])}; fix or remove that row")
+    return {'text': row['text'], 'response_start': None}
 
 def read_jsonl(path) -> list:
     "Records from a .jsonl file: instruction rows, or rows with a 'text' field."
     recs = []
-    with open(path, encoding='utf-8') as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: row = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            recs.append({'text': row['text'], 'response_start': None} if 'text' in row else instruction_record(row, f"{path}:{i}"))
+    for i, line in enumerate(read_text(path).split('\n'), 1):
+        if not line.strip(): continue
+        try: row = json.loads(line)
+        except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not a JSON object ({e.msg}); a .jsonl file holds one per line") from None
+        recs.append(row_record(row, f"{path}:{i}"))
     return recs
 
 # %% ../nbs/04_data.ipynb #4ba52dd5
-def load_records(source: str, split: str = 'train') -> tuple:
-    "(records, kind) for `source`: 'demo', a .txt file or dir, a .jsonl file, or a HF dataset id."
+def _kind(recs) -> str: return 'instruction' if any(r['response_start'] is not None for r in recs) else 'text'
+
+def load_records(source: str, split: str = 'train', field: str = 'data') -> tuple:
+    "(records, kind) for `source` (the value of KDConfig.`field`): 'demo', a .txt file or dir, a .jsonl file, or a HF dataset id."
     if source == 'demo':
         from kd_kaggle.demo import demo_corpus
         return [{'text': p, 'response_start': None} for p in demo_corpus(split)], 'text'
     p = Path(source).expanduser()
     if p.is_file() and p.suffix not in ('.txt', '.md', '.jsonl', '.json'):
-        raise ValueError(f"KDConfig.data={source!r}: unsupported file type {p.suffix!r}; use .txt/.md (prose), .jsonl or a .json list of rows")
+        raise ValueError(f"KDConfig.{field}={source!r}: unsupported file type {p.suffix!r}; use .txt/.md (prose), .jsonl or a .json list of rows")
     if p.suffix == '.json' and p.is_file():
-        rows = json.loads(p.read_text(encoding='utf-8'))
+        try: rows = json.loads(read_text(p))
+        except json.JSONDecodeError as e: raise ValueError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rows, list): raise ValueError(f"{source}: a .json data file must hold a list of rows (prompt/output or text)")
-        recs = [{'text': r['text'], 'response_start': None} if 'text' in r else instruction_record(r, f"{source}[{i}]") for i, r in enumerate(rows)]
-        return recs, 'instruction' if any(r['response_start'] is not None for r in recs) else 'text'
+        recs = [row_record(r, f"{source}[{i}]") for i, r in enumerate(rows)]
+        return recs, _kind(recs)
     if p.suffix == '.jsonl' and p.is_file():
         recs = read_jsonl(p)
-        kind = 'instruction' if any(r['response_start'] is not None for r in recs) else 'text'
-        return recs, kind
+        return recs, _kind(recs)
     if p.is_file() or p.is_dir(): return [{'text': t, 'response_start': None} for t in read_paragraphs(p)], 'text'
     if source.startswith(('/', '.', '~')) or p.suffix in ('.txt', '.jsonl', '.json'):
-        raise FileNotFoundError(f"KDConfig.data={source!r}: no such file or directory (on Kaggle attach it via Add Input and use its /kaggle/input path)")
+        raise FileNotFoundError(f"KDConfig.{field}={source!r}: no such file or directory (on Kaggle attach it via Add Input and use its /kaggle/input path)")
     from kd_kaggle.env import hf_offline
-    if hf_offline(): raise FileNotFoundError(f"KDConfig.data={source!r}: not a local file and HF_HUB_OFFLINE is set; pass a local .txt/.jsonl path")
+    if hf_offline(): raise FileNotFoundError(f"KDConfig.{field}={source!r}: not a local file and HF_HUB_OFFLINE is set; pass a local .txt/.jsonl path")
     import datasets
     ds = datasets.load_dataset(source, split=split)
-    recs = [{'text': r['text'], 'response_start': None} if 'text' in r else instruction_record(r, f"{source}[{i}]") for i, r in enumerate(ds)]
-    return recs, 'instruction' if any(r['response_start'] is not None for r in recs) else 'text'
+    recs = [row_record(r, f"{source}[{i}]") for i, r in enumerate(ds)]
+    return recs, _kind(recs)
 
 # %% ../nbs/04_data.ipynb #810d6390
 def split_long(text: str, n_tokens: int, budget: int) -> list:
@@ -123,10 +151,11 @@ def _labels(ids, lens, mask):
     labels[:-1][m] = ids[1:][m]; nbytes[:-1][m] = lens[1:][m]
     return labels, nbytes
 
-def encode_examples(records: list, teacher_tok, student_tok, seq_len: int) -> dict:
-    "Columns (dict of lists) of aligned, labelled examples for `records` (see docs/batch_format.md)."
+def encode_examples(records: list, teacher_tok, student_tok, seq_len: int, counts: Optional[dict] = None) -> dict:
+    "Columns (dict of lists) of aligned, labelled examples for `records` (docs/batch_format.md); drops are added to `counts`, else warned."
     from kd_kaggle.align import align_batch
     recs = [normalize_record(r) for r in records]
+    if counts is not None: counts['rows'] = counts.get('rows', 0) + len(recs)
     add_bos = True if student_tok.bos_token_id is not None else None
     texts, starts = [r['text'] for r in recs], [r['response_start'] for r in recs]
     try: a = align_batch(teacher_tok, student_tok, texts, starts, add_student_bos=add_bos, max_length=seq_len, same_bytes=True)
@@ -134,10 +163,14 @@ def encode_examples(records: list, teacher_tok, student_tok, seq_len: int) -> di
         a, bad = None, 0
         for t, st in zip(texts, starts):
             try: one = align_batch(teacher_tok, student_tok, [t], [st], add_student_bos=add_bos, max_length=seq_len, same_bytes=True)
-            except ValueError: bad += 1; continue
+            except ValueError as e:
+                bad += 1
+                if counts is not None: counts.setdefault('first_error', ' '.join(str(e).split()))
+                continue
             a = one if a is None else {k: a[k] + one[k] for k in a}
-        warnings.warn(f"dropped {bad} of {len(texts)} rows whose text a tokenizer cannot reproduce byte-exactly "
-                      "(e.g. control characters SmolLM2 has no token for)")
+        if counts is not None: counts['unspellable'] = counts.get('unspellable', 0) + bad
+        else: warnings.warn(f"dropped {bad} of {len(texts)} rows whose text a tokenizer cannot reproduce byte-exactly "
+                            "(e.g. control characters SmolLM2 has no token for)")
         if a is None: return {k: [] for k in EXAMPLE_KEYS}
         recs = [None] * len(a['student_ids'])
     cols = {k: [] for k in ('student_input_ids', 'student_labels', 'student_label_bytes', 's2t', 'one_to_one', 's_chunk',
@@ -154,7 +187,8 @@ def encode_examples(records: list, teacher_tok, student_tok, seq_len: int) -> di
                      ('t_chunk', a['t_chunk'][i])):
             cols[k].append(np.asarray(v).astype(np.int64).tolist())
     keep = [i for i in range(len(recs)) if sum(1 for x in cols['student_labels'][i] if x != -100) > 0]
-    if len(keep) < len(recs):   # a prompt longer than seq_len, or a text too short to hold a shared boundary past its first token
+    if counts is not None: counts['no_scored'] = counts.get('no_scored', 0) + len(recs) - len(keep)
+    elif len(keep) < len(recs):   # a prompt longer than seq_len, or a text too short to hold a shared boundary past its first token
         warnings.warn(f"dropped {len(recs) - len(keep)} of {len(recs)} examples with no scored token within seq_len={seq_len} "
                       "(a prompt that fills seq_len, or a text whose only byte boundary both tokenizers share is its end)")
     return {k: [v[i] for i in keep] for k, v in cols.items()}
@@ -220,15 +254,78 @@ def _split(records, fraction, seed):
     return [r for i, r in enumerate(records) if i not in ev], [r for i, r in enumerate(records) if i in ev]
 
 # %% ../nbs/04_data.ipynb #48295927
-def build_datasets(cfg, teacher_tok, student_tok, cache_dir=None) -> tuple:
-    "(train, eval) datasets of aligned examples for `cfg`, loaded from or written to the data cache."
-    import datasets
+def _file_digests(root: Path) -> dict:
+    "blake2b of every file under `root` (relative path -> hex digest)."
+    out = {}
+    for f in sorted(p for p in root.rglob('*') if p.is_file() and p.name != 'COMPLETE'):
+        h = hashlib.blake2b(digest_size=16)
+        with open(f, 'rb') as fh:
+            for block in iter(lambda: fh.read(1 << 22), b''): h.update(block)
+        out[str(f.relative_to(root))] = h.hexdigest()
+    return out
+
+def cache_problem(root) -> Optional[str]:
+    "None if the data cache in `root` matches the checksums in its COMPLETE file, else what is wrong."
+    root = Path(root)
+    try: meta = json.loads((root/'COMPLETE').read_text())
+    except (OSError, ValueError): return 'file COMPLETE unreadable'
+    if not isinstance(meta, dict) or not isinstance(meta.get('files'), dict): return 'no checksums: written by an older kd_kaggle'
+    now = _file_digests(root)
+    for rel, digest in meta['files'].items():
+        if now.get(rel) != digest: return f"file {rel} {'missing' if rel not in now else 'changed'}"
+    return None
+
+def _value_problem(*splits) -> Optional[str]:
+    "A cheap range check of the loaded columns: one_to_one in {0, 1}."
+    import pyarrow.compute as pc
+    for ds in splits:
+        if not len(ds): continue
+        mm = pc.min_max(pc.list_flatten(ds.data.column('one_to_one'))).as_py()
+        if mm['min'] is not None and (mm['min'] < 0 or mm['max'] > 1): return f"one_to_one values outside {{0, 1}}: {mm['min']}..{mm['max']}"
+    return None
+
+def drop_message(meta: dict, seq_len: int) -> Optional[str]:
+    "The console line for the rows a build dropped (None when none was)."
+    d = meta.get('dropped', {}); n, m = d.get('unspellable', 0) + d.get('no_scored', 0), d.get('rows', 0)
+    if not n: return None
+    parts = [f"{d['unspellable']} with bytes a tokenizer cannot spell" if d.get('unspellable') else '',
+             f"{d['no_scored']} with no scored token within seq_len={seq_len}" if d.get('no_scored') else '']
+    return f"kd_kaggle: data: dropped {n} of {m} rows ({', '.join(p for p in parts if p)}); {m - n} kept"
+
+def build_datasets(cfg, teacher_tok, student_tok, cache_dir=None, say=print) -> tuple:
+    "(train, eval) datasets of aligned examples for `cfg`, loaded from (verified) or written to the data cache; drops reported via `say`."
     from kd_kaggle.env import quiet_hf
+    say = say or (lambda *_: None)
     key = data_cache_key(cfg, teacher_tok, student_tok)
     root = Path(cache_dir or cfg.cache_dir or Path(cfg.output_dir)/'data_cache')/key
     if (root/'COMPLETE').is_file():
-        with quiet_hf(): return _load_split(root/'train'), _load_split(root/'eval')
-    with quiet_hf(): return _build_datasets(cfg, teacher_tok, student_tok, key, root)
+        problem = cache_problem(root)
+        if problem is None:
+            with quiet_hf(): train, ev = _load_split(root/'train'), _load_split(root/'eval')
+            problem = _value_problem(train, ev)
+            if problem is None:
+                if (msg := drop_message(json.loads((root/'COMPLETE').read_text()), cfg.seq_len)): say(msg)
+                return train, ev
+        say(f"kd_kaggle: data cache {root} is damaged ({problem}); rebuilding")
+        shutil.rmtree(root, ignore_errors=True)
+    with quiet_hf(): train, ev, meta = _build_datasets(cfg, teacher_tok, student_tok, key, root)
+    if (msg := drop_message(meta, cfg.seq_len)): say(msg)
+    return train, ev
+
+def _no_eval_message(cfg, n_texts: int) -> Optional[str]:
+    "Why no held-out text is left before encoding (None if that is intended or cannot be said)."
+    if cfg.eval_data: return f"KDConfig.eval_data={cfg.eval_data!r} gave no examples (empty file?); check the file"
+    if cfg.eval_fraction > 0 and n_texts == 1:
+        return (f"KDConfig.data={cfg.data!r} fills only one sequence of seq_len={cfg.seq_len} tokens, so none can be held out for "
+                "evaluation; add more text, use a smaller seq_len, or pass an eval_data file")
+    return None
+
+def _all_dropped(field, value, counts, seq_len) -> str:
+    "The error for a split whose every row was dropped, naming the cause."
+    why = (f"{counts.get('unspellable', 0)} contain bytes a tokenizer cannot spell (first: {counts['first_error'][:300]})"
+           if counts.get('unspellable') else f"{counts.get('no_scored', 0)} have no scored token within seq_len={seq_len} "
+           "(a prompt that fills seq_len, or too short a text); use a larger seq_len or shorter prompts")
+    return f"KDConfig.{field}={value!r}: all {counts.get('rows', 0)} rows were dropped: {why}"
 
 def _build_datasets(cfg, teacher_tok, student_tok, key, root) -> tuple:
     import datasets
@@ -237,27 +334,39 @@ def _build_datasets(cfg, teacher_tok, student_tok, key, root) -> tuple:
         raise ValueError(f"KDConfig.data_format='instruction' but {cfg.data!r} has no prompt/output rows; use data_format='text' or 'auto'")
     if cfg.data_format == 'text': kind = 'text'
     train_texts = _records_to_texts(records, kind, student_tok, cfg.seq_len)
-    if cfg.eval_data: eval_texts = _records_to_texts(load_records(cfg.eval_data, 'train')[0], kind, student_tok, cfg.seq_len)
+    n_texts = len(train_texts)
+    if cfg.eval_data: eval_texts = _records_to_texts(load_records(cfg.eval_data, 'train', 'eval_data')[0], kind, student_tok, cfg.seq_len)
     elif cfg.data == 'demo': eval_texts = _records_to_texts(load_records('demo', 'heldout')[0], kind, student_tok, cfg.seq_len)
     else: train_texts, eval_texts = _split(train_texts, cfg.eval_fraction, cfg.seed)   # after packing: a one-paragraph file still splits
     train_texts, eval_texts = train_texts[:cfg.max_train_examples], eval_texts[:cfg.max_eval_examples]
     if not train_texts:
         raise ValueError(f"KDConfig.data={cfg.data!r} gave no training examples (empty file or every row filtered); check the file")
-    encode = lambda b: encode_examples([{'text': t, 'response_start': s} for t, s in zip(b['text'], b['response_start'])],
-                                       teacher_tok, student_tok, cfg.seq_len)
+    if not eval_texts and (msg := _no_eval_message(cfg, n_texts)): raise ValueError(msg)
     tmp = root.with_name(f'.tmp-{key}-{os.getpid()}')
-    out = []
-    for name, texts in (('train', train_texts), ('eval', eval_texts)):
-        if texts: ds = datasets.Dataset.from_list(texts).map(encode, batched=True, batch_size=256, remove_columns=['text', 'response_start'],
-                                                             new_fingerprint=f'{key}-{name}', load_from_cache_file=False)
-        else: ds = datasets.Dataset.from_dict({k: [] for k in EXAMPLE_KEYS})
-        if len(ds): ds.save_to_disk(str(tmp/name))   # datasets cannot reload an empty saved split: absent = empty
-        out.append(ds)
-    (tmp/'COMPLETE').write_text(json.dumps({'train': len(out[0]), 'eval': len(out[1])}))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists(): shutil.rmtree(root)
-    os.replace(tmp, root)
-    return _load_split(root/'train'), _load_split(root/'eval')
+    if tmp.exists(): shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        out, counts = [], {}
+        for name, texts in (('train', train_texts), ('eval', eval_texts)):
+            c = counts[name] = {'rows': 0, 'unspellable': 0, 'no_scored': 0}
+            encode = lambda b, c=c: encode_examples([{'text': t, 'response_start': s} for t, s in zip(b['text'], b['response_start'])],
+                                                    teacher_tok, student_tok, cfg.seq_len, c)
+            if texts: ds = datasets.Dataset.from_list(texts).map(encode, batched=True, batch_size=256, remove_columns=['text', 'response_start'],
+                                                                 new_fingerprint=f'{key}-{name}', load_from_cache_file=False)
+            else: ds = datasets.Dataset.from_dict({k: [] for k in EXAMPLE_KEYS})
+            if texts and not len(ds):
+                field = 'eval_data' if name == 'eval' and cfg.eval_data else 'data'
+                raise ValueError(_all_dropped(field, getattr(cfg, field), c, cfg.seq_len))
+            if len(ds): ds.save_to_disk(str(tmp/name))   # datasets cannot reload an empty saved split: absent = empty
+            out.append(ds)
+        dropped = {k: sum(counts[s][k] for s in counts) for k in ('rows', 'unspellable', 'no_scored')}
+        meta = {'train': len(out[0]), 'eval': len(out[1]), 'dropped': dropped, 'files': _file_digests(tmp)}
+        (tmp/'COMPLETE').write_text(json.dumps(meta))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        if root.exists(): shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return _load_split(root/'train'), _load_split(root/'eval'), meta
 
 def _load_split(path):
     import datasets

@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .env import quiet_hf, hf_offline
 
 # %% auto #0
-__all__ = ['resolve_model', 'keep_rotary_in_autocast_dtype', 'load_teacher', 'load_student', 'HeadSpec', 'head_spec',
-           'final_hidden_states', 'num_layers', 'max_positions']
+__all__ = ['resolve_model', 'keep_rotary_in_autocast_dtype', 'check_vocab_fits', 'load_teacher', 'load_student', 'HeadSpec',
+           'head_spec', 'final_hidden_states', 'num_layers', 'max_positions']
 
 # %% ../nbs/08_models.ipynb #8a1bb2e4
 def _dtype_kw(dtype) -> dict:
@@ -59,11 +59,26 @@ def keep_rotary_in_autocast_dtype(model):
     return model
 
 # %% ../nbs/08_models.ipynb #e9ac0a56
+def check_vocab_fits(model, n_tokens: Optional[int], role: str, name: str) -> None:
+    "Raise ValueError if the tokenizer (`n_tokens` ids) has ids that `model`'s embedding has no row for."
+    rows = model.get_input_embeddings().weight.shape[0]
+    if n_tokens is not None and n_tokens > rows:
+        raise ValueError(f"KDConfig.{role}={name!r}: config.json vocab_size={getattr(model.config, 'vocab_size', rows)} is smaller than its "
+                         f"tokenizer ({n_tokens} tokens), so token ids >= {rows} have no embedding; set vocab_size >= {n_tokens} in "
+                         "config.json, or use the tokenizer the model was trained with")
+
+def _tokenizer_len(path: str) -> Optional[int]:
+    "len() of the tokenizer at `path`, or None when it cannot be loaded here (the run's own tokenizer load reports why)."
+    from kd_kaggle.align import _load_cached
+    try: return len(_load_cached(str(path)))
+    except Exception: return None
+
 def load_teacher(name: str, dtype: torch.dtype = torch.float32, device='cpu'):
     "The frozen teacher in eval mode, loaded directly in `dtype` (fp16 on T4/P100, bf16 on sm>=80)."
     path = resolve_model(name, 'teacher')
     with quiet_hf():
         model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype))
+    check_vocab_fits(model, _tokenizer_len(path), 'teacher', name)
     model.to(device).eval().requires_grad_(False)
     keep_rotary_in_autocast_dtype(model)
     return model
@@ -81,6 +96,7 @@ def load_student(name: str, seed: int = 0):
         else:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **_dtype_kw(torch.float32))
+    check_vocab_fits(model, _tokenizer_len(path), 'student', name)
     return keep_rotary_in_autocast_dtype(model).train()
 
 # %% ../nbs/08_models.ipynb #b9eea097
