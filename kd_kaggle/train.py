@@ -14,12 +14,14 @@ import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
 from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions
-from .checkpoint import TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints, default_print_every
+from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
+                                  latest_valid_checkpoint, default_print_every)
 
 # %% auto #0
-__all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'OOM_ERRORS', 'FINAL_METRICS', 'kd_position_mask', 'Distiller',
-           'check_output_dir', 'check_resume_config', 'oom_advice', 'Run', 'setup_run', 'calibrate_router',
-           'step_counts', 'forward_backward', 'train', 'Progress', 'evaluate_student_dir', 'demo_config']
+__all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'kd_position_mask', 'Distiller',
+           'check_output_dir', 'check_resume_config', 'oom_advice', 'lock_run_dir', 'first_ctrl_c_stops', 'Run',
+           'setup_run', 'calibrate_router', 'step_counts', 'forward_backward', 'train', 'Progress',
+           'evaluate_student_dir', 'demo_config']
 
 # %% ../nbs/10_train.ipynb #cc0c244d
 ROUTER_TERMS = ('feat', 'layer', 'attn', 'contr')
@@ -102,13 +104,21 @@ def check_output_dir(path, min_free_gib: float = 1.0) -> Path:
                       "(delete old runs, lower keep_last, or write elsewhere)")
     return p
 
-def check_resume_config(saved: dict, cfg: KDConfig, where) -> None:
-    "Error listing the fields where `cfg` differs from the checkpoint's config `saved`."
+LOSS_FIELDS = ('divergence', 'temperature', 't2_scaling', 'jsd_beta', 'skew_alpha', 'top_k', 'kd_positions', 'curriculum',
+               'feature_loss', 'contrastive_temperature')
+
+def check_resume_config(saved: dict, cfg: KDConfig, where) -> list:
+    "Error listing the fields where `cfg` differs from the checkpoint's config `saved`; loss changes pass only on request."
     now = config_to_dict(cfg)
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in MUST_MATCH_ON_RESUME if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"cannot resume from {where}: the config differs in " + '; '.join(diff) +
                          ". Use the same values to continue, or a new output_dir (resume=None) to start over")
+    loss = [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in LOSS_FIELDS if k in saved and saved[k] != now[k]]
+    if loss and not getattr(cfg, 'allow_resume_changes', False):
+        raise ValueError(f"cannot resume from {where}: the loss differs in " + '; '.join(loss) + ". Use the same values to "
+                         "continue the same objective, or set allow_resume_changes=True (--allow-resume-changes true) to change it on purpose")
+    return loss
 
 def oom_advice(cfg: KDConfig) -> str:
     "What to change after a CUDA out-of-memory error."
@@ -116,6 +126,35 @@ def oom_advice(cfg: KDConfig) -> str:
     return (f"CUDA out of memory at batch_size={cfg.batch_size}, seq_len={cfg.seq_len}. Try --batch-size {half} --grad-accum "
             f"{cfg.grad_accum * cfg.batch_size // half} (same effective batch), --gradient-checkpointing true, a smaller "
             f"--loss-chunk {max(64, cfg.loss_chunk // 2)}, or a teacher cache (--teacher-cache) so the teacher is not in GPU memory")
+
+# %% ../nbs/10_train.ipynb #65765a59
+def lock_run_dir(path):
+    "Hold an exclusive lock on `path`/.lock for this run (an open file: close it to release); one-line error if taken."
+    import fcntl, socket
+    f = open(Path(path)/'.lock', 'a+')
+    try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0); who = f.read().strip() or 'another process'; f.close()
+        raise RuntimeError(f"KDConfig.output_dir={str(path)!r} is in use by another run ({who}): wait for it to finish, "
+                           "stop it, or choose another output_dir") from None
+    f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"); f.flush()
+    return f
+
+@contextlib.contextmanager
+def first_ctrl_c_stops(flag: dict, say=print):
+    "Within the block, the first SIGINT/SIGTERM sets `flag['stop']` (stop after this step); a second one acts at once."
+    import signal, threading
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def on_signal(signum, frame):
+        flag['stop'] = True
+        for sig, h in old.items(): signal.signal(sig, h if callable(h) else signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        say(f"kd_kaggle: {signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to quit now)")
+    for sig in old: signal.signal(sig, on_signal)
+    try: yield
+    finally:
+        for sig, h in old.items(): signal.signal(sig, h)
+
 
 # %% ../nbs/10_train.ipynb #56243c51
 class Run:
@@ -151,6 +190,7 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
                                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
                                                       # the first data build and the evals run on rank 0 while the others wait
                                                       InitProcessGroupKwargs(timeout=timedelta(hours=3))])
+    lock = lock_run_dir(run_dir) if acc.is_main_process else None   # released when the run ends (or its process dies)
     set_seed(cfg.seed)
     t_tok = load_tokenizer(_tok_path(cfg.teacher, 'teacher')); s_tok = load_tokenizer(_tok_path(cfg.student, 'student'))
     cache = _open_cache(cfg, t_tok, s_tok)
@@ -163,7 +203,7 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     vocab_map = build_vocab_map(t_tok, s_tok, teacher_rows=teacher_rows)
     if acc.is_main_process: save_vocab_map(vocab_map, run_dir/'vocab_map.safetensors', vocab_map_fingerprint(t_tok, s_tok))
-    with acc.main_process_first(): train_ds, eval_ds = build_datasets(cfg, t_tok, s_tok)
+    with acc.main_process_first(): train_ds, eval_ds = build_datasets(cfg, t_tok, s_tok, say=print if acc.is_main_process else None)
     curriculum = Curriculum(cfg.curriculum)
     router = _build_router(cfg, student, teacher, curriculum)
     calibration = {}
@@ -179,7 +219,7 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     total = _total_steps(cfg, len(train_ds), acc.num_processes)
     scheduler = _schedule(cfg, optimizer, total)
     distiller, optimizer = acc.prepare(distiller, optimizer)
-    return Run(cfg=cfg, acc=acc, policy=policy, info=info, run_dir=run_dir, teacher=teacher, student=student, router=router,
+    return Run(cfg=cfg, acc=acc, lock=lock, policy=policy, info=info, run_dir=run_dir, teacher=teacher, student=student, router=router,
                distiller=distiller, optimizer=optimizer, scheduler=scheduler, t_tok=t_tok, s_tok=s_tok, vocab_map=vocab_map,
                train_ds=train_ds, eval_ds=eval_ds, curriculum=curriculum, total_steps=total, calibration=calibration, cache=cache)
 
@@ -239,7 +279,13 @@ def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
     "Distil `cfg.teacher` into `cfg.student`; returns the final metrics (also written to the run's report)."
     budget = Budget(parse_duration(cfg.time_budget), parse_duration(cfg.final_reserve) if cfg.final_reserve else None)
     r = setup_run(cfg, accelerator)
-    acc, state = r.acc, TrainState()
+    try: return _distil(r, budget, callback)
+    finally:
+        if r.lock is not None: r.lock.close()
+
+def _distil(r, budget, callback) -> dict:
+    "The run after setup: resume, baseline, the loop, and the final save + evaluation."
+    cfg, acc, state = r.cfg, r.acc, TrainState()
     every = cfg.print_every or default_print_every(r.total_steps)
     log = RunLog(r.run_dir, math.ceil(every / cfg.log_every) * cfg.log_every, acc.is_main_process)   # lines come with records
     meta = _resume(r, log) if cfg.resume else {}
@@ -257,42 +303,49 @@ def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
     stop, micro_batches, t_step = '', [], time.monotonic()
     r.window = (state.tokens, budget.clock())   # throughput is measured from here, not from model loading
     progress = Progress(acc.is_main_process)
-    while not stop:
-        for batch in _epoch_loader(r, state):
-            micro_batches.append(batch); state.batch_in_epoch += 1
-            if len(micro_batches) < cfg.grad_accum: continue
-            weights = r.curriculum.weights(state.step / r.total_steps)
-            try: loss, parts, tokens = forward_backward(r.distiller, acc, micro_batches, weights, cfg.kd_positions)
-            except OOM_ERRORS: raise RuntimeError(oom_advice(cfg)) from None
-            micro_batches = []
-            state.tokens += tokens
-            if not _all_finite(acc, loss):                # one check per step, after every micro-batch's backward
+    ctrl_c = {}
+    with first_ctrl_c_stops(ctrl_c, log.say):
+        while not stop:
+            for batch in _epoch_loader(r, state):
+                micro_batches.append(batch); state.batch_in_epoch += 1
+                if len(micro_batches) < cfg.grad_accum: continue
+                weights = r.curriculum.weights(state.step / r.total_steps)
+                try: loss, parts, tokens = forward_backward(r.distiller, acc, micro_batches, weights, cfg.kd_positions)
+                except OOM_ERRORS: raise RuntimeError(oom_advice(cfg)) from None
+                micro_batches = []
+                state.tokens += tokens
+                if not _all_finite(acc, loss):                # one check per step, after every micro-batch's backward
+                    r.optimizer.zero_grad(set_to_none=True)
+                    state.skipped_steps += 1; state.bad_in_row += 1
+                    if state.bad_in_row >= cfg.max_bad_steps:
+                        raise FloatingPointError(f"{state.bad_in_row} non-finite losses in a row at step {state.step}: aborting. "
+                                                 "Lower lr, use precision='fp32' to check, or inspect the data near this step")
+                    continue
+                grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+                r.optimizer.step()
+                if acc.optimizer_step_was_skipped: state.scaler_skipped += 1   # fp16 overflow: GradScaler skipped the update
+                else: r.scheduler.step()                                       # ...and the lr schedule waits with it
                 r.optimizer.zero_grad(set_to_none=True)
-                state.skipped_steps += 1; state.bad_in_row += 1
-                if state.bad_in_row >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{state.bad_in_row} non-finite losses in a row at step {state.step}: aborting. "
-                                             "Lower lr, use precision='fp32' to check, or inspect the data near this step")
-                continue
-            grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-            r.optimizer.step()
-            if acc.optimizer_step_was_skipped: state.scaler_skipped += 1   # fp16 overflow: GradScaler skipped the update
-            else: r.scheduler.step()                                       # ...and the lr schedule waits with it
-            r.optimizer.zero_grad(set_to_none=True)
-            state.step += 1; state.bad_in_row = 0
-            now = time.monotonic(); budget.record('step', now - t_step); t_step = now
-            if state.step % cfg.log_every == 0 or state.step == r.total_steps:
-                rec = _train_record(r, state, parts, weights, loss, grad_norm, budget)
-                log.write(rec); callback and callback(rec)
-                progress.show(_progress_text(r, state, rec, budget))
-                if log.due(state.step): log.say(_console_line(r, state, rec, budget))
-            stop = _stop_reason(r, state, budget)
-            if state.step % cfg.eval_every == 0 and not stop: stop = _eval_and_maybe_stop(r, state, log, eval_batches, budget, callback)
-            if stop: break                                # _finish saves and evaluates once
-            if state.step % cfg.save_every == 0: _save(r, state, log, budget, baseline)
-            t_step = time.monotonic()                     # eval/save time is not step time
-        else:
-            state.epoch += 1; state.batch_in_epoch = 0    # a step may span two epochs: its micro-batches carry over
+                state.step += 1; state.bad_in_row = 0
+                now = time.monotonic(); budget.record('step', now - t_step); t_step = now
+                if state.step % cfg.log_every == 0 or state.step == r.total_steps:
+                    rec = _train_record(r, state, parts, weights, loss, grad_norm, budget)
+                    log.write(rec); callback and callback(rec)
+                    progress.show(_progress_text(r, state, rec, budget))
+                    if log.due(state.step): log.say(_console_line(r, state, rec, budget))
+                stop = _stop_reason(r, state, budget, ctrl_c)
+                if state.step % cfg.eval_every == 0 and not stop: stop = _eval_and_maybe_stop(r, state, log, eval_batches, budget, callback)
+                if stop: break                                # _finish saves and evaluates once
+                if state.step % cfg.save_every == 0: _save(r, state, log, budget, baseline)
+                t_step = time.monotonic()                     # eval/save time is not step time
+            else:
+                state.epoch += 1; state.batch_in_epoch = 0    # a step may span two epochs: its micro-batches carry over
     progress.close()
+    if stop == 'interrupted':                             # Ctrl-C: keep everything, skip the final evaluation
+        _save(r, state, log, budget, baseline)
+        log.say(f"kd_kaggle: interrupted at step {state.step}: checkpoint saved in {r.run_dir/'checkpoints'}; "
+                "run again with resume='auto' to continue")
+        raise KeyboardInterrupt
     return _finish(r, state, log, eval_batches, budget, baseline, stop)
 
 # %% ../nbs/10_train.ipynb #2685f360
@@ -315,7 +368,8 @@ def _shared(acc, value):
 def _eval_batches(r) -> list:
     from kd_kaggle.data import make_loader
     if len(r.eval_ds) == 0:
-        raise ValueError(f"no held-out examples: set KDConfig.eval_data or a larger eval_fraction (data={r.cfg.data!r})")
+        raise ValueError(f"no held-out examples: KDConfig.eval_fraction={r.cfg.eval_fraction} and no eval_data; set eval_fraction > 0 "
+                         "(e.g. 0.02) or pass eval_data")
     loader = make_loader(r.eval_ds, r.cfg.batch_size, r.s_tok.pad_token_id or 0, r.t_tok.pad_token_id or 0, shuffle=False)
     return [{k: v.to(r.acc.device) for k, v in b.items()} for b in loader]
 
@@ -341,9 +395,9 @@ def _epoch_loader(r, state):
     loader = r.acc.prepare_data_loader(loader)
     return r.acc.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
 
-def _stop_reason(r, state, budget) -> str:
+def _stop_reason(r, state, budget, ctrl_c=None) -> str:
     if state.step >= r.total_steps: return 'done'
-    return _shared(r.acc, 'budget' if budget.should_stop() else '')
+    return _shared(r.acc, 'interrupted' if (ctrl_c or {}).get('stop') else 'budget' if budget.should_stop() else '')
 
 # %% ../nbs/10_train.ipynb #32d85c9c
 def _peak_gib() -> float:
@@ -447,19 +501,27 @@ def _resume(r, log) -> dict:
         if missing:
             raise FileNotFoundError(f"KDConfig.resume_dirs: {missing[0]!r} does not exist; attach the saved output as a dataset "
                                     "(Add Input) and pass its /kaggle/input/<name> folder, or remove the entry")
-        found = list_checkpoints([r.run_dir/'checkpoints', *cfg.resume_dirs])
-        if not found:
+        dirs = [r.run_dir/'checkpoints', *cfg.resume_dirs]
+        path = latest_valid_checkpoint(dirs, say=log.say)   # newest intact one; a damaged newer one is named and skipped
+        if path is None:
+            if any(next(Path(d).rglob('checkpoint-*'), None) for d in dirs if Path(d).is_dir()):   # all damaged: never start over on them
+                raise ValueError(f"every checkpoint under {', '.join(map(str, dirs))} is damaged (see above): attach an intact "
+                                 "copy via resume_dirs, or delete them to start from step 0")
             if cfg.resume_dirs:   # the user expected a run to continue: never start over silently
                 log.say(f"kd_kaggle: WARNING: resume='auto' found no valid checkpoint under {r.run_dir/'checkpoints'} or "
                         f"{', '.join(map(str, cfg.resume_dirs))} (searched at any depth): starting from step 0")
             return {}
-        path = found[-1][1]
     else:
         path = Path(cfg.resume)
         if not path.is_dir(): raise FileNotFoundError(f"KDConfig.resume={cfg.resume!r}: no such checkpoint directory")
+        own = list_checkpoints([r.run_dir/'checkpoints'])
+        if own and (r.run_dir/'checkpoints').resolve() not in path.resolve().parents:   # its metrics would replace this run's
+            raise ValueError(f"KDConfig.resume={cfg.resume!r} is a checkpoint of another run, but output_dir={str(r.run_dir)!r} "
+                             f"holds checkpoints of its own (up to step {own[-1][0]}): use a new output_dir, or resume='auto'")
     from kd_kaggle.checkpoint import read_checkpoint_meta
     saved = read_checkpoint_meta(path)
-    check_resume_config(saved.get('config', {}), cfg, path)
+    changed = check_resume_config(saved.get('config', {}), cfg, path)
+    if changed: log.say(f"kd_kaggle: resuming with a changed loss (allow_resume_changes): {'; '.join(changed)}")
     n_old, n_new = saved.get('num_processes', 1), r.acc.num_processes
     ga_old = saved.get('config', {}).get('grad_accum', cfg.grad_accum)
     if n_old * ga_old != n_new * cfg.grad_accum:   # the global batch (and so the lr schedule and data order) must not change
@@ -554,7 +616,8 @@ def evaluate_student_dir(cfg: KDConfig, student_dir, write_report: bool = False)
     t_tok, s_tok = load_tokenizer(_tok_path(cfg.teacher, 'teacher')), load_tokenizer(str(sd))
     vmap = build_vocab_map(t_tok, s_tok, teacher.get_output_embeddings().weight.shape[0]).to(device)
     _, eval_ds = build_datasets(cfg, t_tok, s_tok)
-    if len(eval_ds) == 0: raise ValueError(f"no held-out examples for data={cfg.data!r}: set eval_data or eval_fraction")
+    if len(eval_ds) == 0: raise ValueError(f"no held-out examples: KDConfig.eval_fraction={cfg.eval_fraction} and no eval_data; "
+                                           "set eval_fraction > 0 (e.g. 0.02) or pass eval_data")
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in make_loader(eval_ds, cfg.batch_size, s_tok.pad_token_id or 0, t_tok.pad_token_id or 0, shuffle=False)]
     return evaluate_saved(sd, teacher, batches, vmap, policy, kd_positions=cfg.kd_positions)

@@ -256,3 +256,47 @@ def test_resume_dirs_that_do_not_exist_or_hold_nothing(tmp_path, capsys):
     (tmp_path/'empty').mkdir()
     train(_cfg(tmp_path, resume_dirs=[str(tmp_path/'empty')], eval_every=100, save_every=100))
     assert 'WARNING: resume=\'auto\' found no valid checkpoint' in capsys.readouterr().out
+
+def test_second_run_into_the_same_folder_is_refused(tmp_path):
+    "A run holds a lock on its output folder: a second one started there stops at once instead of interleaving files."
+    from kd_kaggle.train import lock_run_dir
+    (tmp_path/'run').mkdir()
+    held = lock_run_dir(tmp_path/'run')
+    with pytest.raises(RuntimeError, match='is in use by another run'): train(_cfg(tmp_path))
+    held.close()
+    train(_cfg(tmp_path, eval_every=100, save_every=100))          # free again: runs
+
+def test_resume_refuses_a_changed_loss_unless_asked(tmp_path, capsys):
+    "Resuming with another divergence/temperature/top-k/kd_positions/curriculum is refused; allow_resume_changes says so."
+    train(_cfg(tmp_path, max_steps=2, save_every=2, eval_every=100))
+    for change in (dict(temperature=2.0), dict(divergence='rkl'), dict(kd_positions='boundary'), dict(curriculum={'ce': 1.0})):
+        with pytest.raises(ValueError, match='the loss differs in ' + next(iter(change))):
+            train(_cfg(tmp_path, max_steps=4, save_every=2, eval_every=100, **change))
+    train(_cfg(tmp_path, max_steps=4, save_every=2, eval_every=100, temperature=2.0, allow_resume_changes=True))
+    assert "resuming with a changed loss (allow_resume_changes): temperature: checkpoint 1.0 vs now 2.0" in capsys.readouterr().out
+
+def test_resume_from_another_run_into_a_folder_with_its_own_checkpoints(tmp_path):
+    "--resume <checkpoint of run A> with output_dir = run B that has checkpoints would replace B's metrics: refused."
+    train(_cfg(tmp_path, max_steps=2, save_every=2, eval_every=100, output_dir=str(tmp_path/'a')))
+    train(_cfg(tmp_path, max_steps=2, save_every=2, eval_every=100, output_dir=str(tmp_path/'b')))
+    before = (tmp_path/'b'/'metrics.jsonl').read_text()
+    with pytest.raises(ValueError, match='is a checkpoint of another run'):
+        train(_cfg(tmp_path, max_steps=4, output_dir=str(tmp_path/'b'), resume=str(tmp_path/'a'/'checkpoints'/'checkpoint-00000002')))
+    assert (tmp_path/'b'/'metrics.jsonl').read_text() == before
+
+def test_ctrl_c_saves_a_checkpoint_and_the_next_run_continues(tmp_path, monkeypatch, capsys):
+    "The first Ctrl-C stops after the current step with a checkpoint (no final eval); resume='auto' continues from it."
+    import kd_kaggle.checkpoint as ck
+    real_write = ck.RunLog.write
+    def write(self, rec):
+        real_write(self, rec)
+        if rec.get('step') == 3 and 'loss' in rec: os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(ck.RunLog, 'write', write)
+    cfg = _cfg(tmp_path, max_steps=6, log_every=1, save_every=100, eval_every=100)
+    with pytest.raises(KeyboardInterrupt): train(cfg)
+    assert (tmp_path/'run'/'checkpoints'/'checkpoint-00000003').is_dir() and not (tmp_path/'run'/'student').exists()
+    assert 'interrupted at step 3' in capsys.readouterr().out
+    monkeypatch.undo()
+    train(cfg)
+    out = capsys.readouterr().out
+    assert 'resumed from' in out and 'at step 3' in out and 'done at step 6' in out
