@@ -32,7 +32,7 @@ if kind in ('kill_in_save', 'enospc'):
 if kind == 'kill_in_prune':
     real_rmtree, calls = ck.shutil.rmtree, [0]
     def rmtree(path, *a, **k):
-        if 'checkpoint-' in str(path) and '.tmp' not in str(path):
+        if __import__('pathlib').Path(path).name.startswith('.trash-checkpoint-') and __import__('pathlib').Path(path).is_dir():
             p = __import__('pathlib').Path(path)
             files = sorted(p.rglob('*')) if p.is_dir() else []
             for f in files[:len(files) // 2]:                    # half deleted, then the power goes
@@ -40,6 +40,14 @@ if kind == 'kill_in_prune':
             die()
         return real_rmtree(path, *a, **k)
     ck.shutil.rmtree = rmtree
+if kind == 'kill_in_final_eval':                             # after the final checkpoint, before the final evaluation ends
+    import kd_kaggle.train as tr
+    real_eval, n_eval = tr._evaluate, [0]
+    def evaluate(*a, **k):
+        n_eval[0] += 1
+        if n_eval[0] > 1: die()                               # call 1 is the baseline (eval_every exceeds the run)
+        return real_eval(*a, **k)
+    tr._evaluate = evaluate
 if kind == 'kill_at_step':
     real_write = ck.RunLog.write
     def write(self, rec):
@@ -106,7 +114,7 @@ def judge(out, ref, texts, had_checkpoint):
     if not same and not said: return 'bad', 'losses differ from the uninterrupted run and nothing was said'
     if trace: return 'weak', 'recovered, but a traceback was printed'
     if not same: return 'good', 'damage announced; the run continued from an earlier point'
-    return ('good', 'identical losses' + (' after an announced fallback' if said else '')) if len(texts) <= 3 else ('weak', 'needed several restarts')
+    return ('good', 'identical losses' + (' after the damage was announced' if said else '')) if len(texts) <= 3 else ('weak', 'needed several restarts')
 
 
 def finish(out, first_text, max_restarts=3):
@@ -164,6 +172,16 @@ def main(argv=None):
     v, why = judge(out, ref, texts, True)
     if leftovers and v == 'good': v, why = 'weak', f'left {leftovers} behind'
     record('SIGKILL while pruning', v, why, texts)
+
+    out = work / 'kill-in-final-eval'                     # killed after the final checkpoint, during the final evaluation
+    _, first = run(out, {'kind': 'kill_in_final_eval'})
+    texts = finish(out, first)
+    v, why = judge(out, ref, texts, True)
+    fm = out / 'final_metrics.json'
+    done = fm.is_file() and json.loads(fm.read_text()).get('step') == max(ref) and (out / 'report.md').is_file()
+    if not done: v, why = 'bad', 'the next run did not complete the final evaluation and report'
+    elif not any('finishing it' in t for t in texts[1:]): v, why = 'weak', 'finished without saying so'
+    record('SIGKILL during the final evaluation', v, why, texts)
 
     out = work / 'disk-full'                              # ENOSPC while writing optimizer.pt of checkpoint 8
     rc, first = run(out, {'kind': 'enospc', 'step': 8, 'file': 'optimizer.pt'})

@@ -17,8 +17,8 @@ from .config import atomic_write_text
 # %% auto #0
 __all__ = ['CKPT_RE', 'LEFTOVER_RE', 'STATE_FILE', 'MANIFEST_FILE', 'TrainState', 'rng_state', 'set_rng_state',
            'CheckpointDamaged', 'file_digest', 'write_manifest', 'read_manifest', 'clean_checkpoint_leftovers',
-           'save_checkpoint', 'read_checkpoint_meta', 'list_checkpoints', 'load_checkpoint', 'verify_checkpoint',
-           'latest_valid_checkpoint', 'Budget', 'default_print_every', 'RunLog']
+           'save_checkpoint', 'read_checkpoint_meta', 'checkpoint_candidates', 'list_checkpoints', 'load_checkpoint',
+           'verify_checkpoint', 'latest_valid_checkpoint', 'Budget', 'default_print_every', 'RunLog']
 
 # %% ../nbs/09_checkpoint.ipynb #ec704595
 @dataclass
@@ -114,11 +114,14 @@ def clean_checkpoint_leftovers(root) -> list:
     for d in junk: shutil.rmtree(d, ignore_errors=True)
     return junk
 
-def _prune(root: Path, keep_last: int) -> None:
-    "Delete all but the newest `keep_last` checkpoints in `root`, each renamed away first: a kill mid-way leaves no partial one that looks valid."
-    for _, p in list_checkpoints([root])[:-keep_last]:
-        if p.parent != root: continue   # only what this run wrote
-        trash = root/f'.trash-{p.name}'
+def _prune(root: Path, keep_last: int, current: int) -> None:
+    "Keep the newest `keep_last` checkpoints up to step `current` in `root`; delete the rest, and any beyond `current`."
+    found = [(s, p) for s, p in list_checkpoints([root]) if p.parent == root]   # only what this run wrote
+    # a checkpoint beyond `current` is one this run fell back from (damaged) or rewound past: it must not take a slot,
+    # nor be what resume='auto' picks next time
+    doomed = [p for s, p in found if s <= current][:-keep_last] + [p for s, p in found if s > current]
+    for p in doomed:
+        trash = root/f'.trash-{p.name}'   # renamed away first: a kill mid-way leaves no partial one that looks valid
         shutil.rmtree(trash, ignore_errors=True); os.replace(p, trash); shutil.rmtree(trash, ignore_errors=True)
 
 def save_checkpoint(root, state: TrainState, models: dict, optimizer=None, scheduler=None, scaler=None, extra: Optional[dict] = None,
@@ -150,7 +153,7 @@ def save_checkpoint(root, state: TrainState, models: dict, optimizer=None, sched
             err = OSError(f"no space left on device while writing checkpoint {state.step} to {root}: free space or lower keep_last")
             err.errno = errno.ENOSPC; raise err from None
         raise
-    if is_main: shutil.rmtree(old, ignore_errors=True); _prune(root, keep_last)
+    if is_main: shutil.rmtree(old, ignore_errors=True); _prune(root, keep_last, state.step)
     barrier()
     return final
 
@@ -172,7 +175,7 @@ def _checkpoint_dirs(root: Path, max_depth: int = 8):
         subdirs[:] = sorted(d for d in subdirs if d not in ckpts and not d.startswith('.'))   # skip .tmp-checkpoint-*
         yield from (here/d for d in ckpts)
 
-def _candidates(dirs):
+def checkpoint_candidates(dirs):
     "(step, path) of every `checkpoint-*` folder in `dirs` (each a checkpoint, or a folder searched at any depth), in `dirs` order."
     for d in map(Path, dirs):
         for cand in ([d] if CKPT_RE.match(d.name) else _checkpoint_dirs(d)):
@@ -181,7 +184,7 @@ def _candidates(dirs):
 def list_checkpoints(dirs) -> list:
     "Sorted [(step, path)] of valid checkpoints in `dirs` (each a checkpoint, or a folder searched at any depth)."
     found = {}
-    for step, cand in _candidates(dirs):
+    for step, cand in checkpoint_candidates(dirs):
         try: read_checkpoint_meta(cand)
         except ValueError: continue
         found.setdefault(step, cand)
@@ -212,7 +215,7 @@ def verify_checkpoint(path, hashes: bool = True) -> bool:
 def latest_valid_checkpoint(dirs, say=print, hashes: bool = True) -> Optional[Path]:
     "The newest checkpoint in `dirs` that passes `verify_checkpoint` (`say`ing why newer ones were skipped); None if there is none."
     damaged = []
-    for _, p in sorted(_candidates(dirs), key=lambda c: -c[0]):   # stable: the first of `dirs` wins a tie
+    for _, p in sorted(checkpoint_candidates(dirs), key=lambda c: -c[0]):   # stable: the first of `dirs` wins a tie
         try: verified = verify_checkpoint(p, hashes)
         except CheckpointDamaged as e: damaged.append(e); continue
         for e in damaged: say(f"kd_kaggle: WARNING: checkpoint {e.path} is damaged ({e.why}); falling back to checkpoint {p}")

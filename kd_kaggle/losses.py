@@ -384,11 +384,12 @@ def _matmul_dtype(hidden, weight):
     if torch.is_autocast_enabled(hidden.device.type): return torch.get_autocast_dtype(hidden.device.type)
     return torch.promote_types(hidden.dtype, weight.dtype)
 
-def _exact_mm(g, m):
-    "`g @ m` in ≥ float32 for a float32 gradient `g [r, V]` and `m [V, d]` in the matmul dtype; fp16 without underflow."
+def _exact_mm(g, m, m_max=None):
+    "`g @ m` in ≥ float32 for a float32 gradient `g [r, V]` and `m [V, d]` (max |m| = `m_max`); fp16 without underflow."
     if m.dtype != torch.float16: return (g.to(m.dtype) @ m).to(_ftype(m.dtype))   # bf16/fp32/fp64 have fp32's range
     amax = torch.linalg.vector_norm(g, float('inf'), dim=1, keepdim=True)
-    out_bound = torch.linalg.vector_norm(g, 1, dim=1, keepdim=True) * m.abs().amax().float()
+    m_max = m.abs().amax().float() if m_max is None else m_max
+    out_bound = torch.linalg.vector_norm(g, 1, dim=1, keepdim=True) * m_max
     bound = torch.maximum(amax, out_bound).clamp_min(1e-30)
     scale = torch.exp2(torch.floor(torch.log2(_FP16_ROW_LIMIT / bound)))   # a power of two: scaling back is exact
     return ((g * scale).to(torch.float16) @ m).float().div_(scale)
@@ -405,6 +406,7 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
     ce_scale, kd_scale = scales
     mm = _matmul_dtype(hidden, weight)
     w = weight.detach().to(mm)                              # one cast per call; autocast would cast per chunk
+    w_max = w.abs().amax().float() if want_grad and mm == torch.float16 else None
     acc = _ftype(mm)
     ce_sum, kd_sum = torch.zeros((), dtype=acc, device=hidden.device), torch.zeros((), dtype=acc, device=hidden.device)
     need = [want_grad and x is not None and x.requires_grad for x in (hidden, weight, bias)]
@@ -427,7 +429,7 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
             if want_grad:
                 g = torch.autograd.grad(ce * ce_scale + kd * kd_scale, z)[0]       # float32 [rows, Vs]: nothing underflows
                 with torch.autocast(hidden.device.type, enabled=False):
-                    if need[0]: grads[0].index_copy_(0, rows, _exact_mm(g, w))
+                    if need[0]: grads[0].index_copy_(0, rows, _exact_mm(g, w, w_max))
                     if need[1]: grads[1].add_(_exact_mm(g.T, h))
                 if need[2]: grads[2].add_(g.sum(0))
         ce_sum += ce.detach(); kd_sum += kd.detach()

@@ -15,7 +15,7 @@ from .config import KDConfig, check_model_limits, config_to_dict, save_config, a
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
 from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions
 from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
-                                  latest_valid_checkpoint, default_print_every)
+                                  latest_valid_checkpoint, checkpoint_candidates, default_print_every)
 
 # %% auto #0
 __all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'kd_position_mask', 'Distiller',
@@ -141,16 +141,16 @@ def lock_run_dir(path):
     return f
 
 @contextlib.contextmanager
-def first_ctrl_c_stops(flag: dict, say=print):
-    "Within the block, the first SIGINT/SIGTERM sets `flag['stop']` (stop after this step); a second one acts at once."
+def first_ctrl_c_stops(flag: dict):
+    "Within the block, the first SIGINT/SIGTERM sets `flag['stop']` (stop after this step); another one 2 s later interrupts."
     import signal, threading
     if threading.current_thread() is not threading.main_thread(): yield; return
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    def on_signal(signum, frame):
-        flag['stop'] = True
-        for sig, h in old.items(): signal.signal(sig, h if callable(h) else signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-        say(f"kd_kaggle: {signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to quit now)")
-    for sig in old: signal.signal(sig, on_signal)
+    def on_signal(signum, frame):   # no I/O here: the signal may land inside a write
+        if 'stop' not in flag: flag.update(stop=signal.Signals(signum).name, at=time.monotonic())
+        elif time.monotonic() - flag['at'] > 2: raise KeyboardInterrupt   # a repeat within 2 s is the launcher forwarding it
+    for sig, h in old.items():
+        if h is not signal.SIG_IGN: signal.signal(sig, on_signal)
     try: yield
     finally:
         for sig, h in old.items(): signal.signal(sig, h)
@@ -190,7 +190,6 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
                                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
                                                       # the first data build and the evals run on rank 0 while the others wait
                                                       InitProcessGroupKwargs(timeout=timedelta(hours=3))])
-    lock = lock_run_dir(run_dir) if acc.is_main_process else None   # released when the run ends (or its process dies)
     set_seed(cfg.seed)
     t_tok = load_tokenizer(_tok_path(cfg.teacher, 'teacher')); s_tok = load_tokenizer(_tok_path(cfg.student, 'student'))
     cache = _open_cache(cfg, t_tok, s_tok)
@@ -219,7 +218,7 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     total = _total_steps(cfg, len(train_ds), acc.num_processes)
     scheduler = _schedule(cfg, optimizer, total)
     distiller, optimizer = acc.prepare(distiller, optimizer)
-    return Run(cfg=cfg, acc=acc, lock=lock, policy=policy, info=info, run_dir=run_dir, teacher=teacher, student=student, router=router,
+    return Run(cfg=cfg, acc=acc, policy=policy, info=info, run_dir=run_dir, teacher=teacher, student=student, router=router,
                distiller=distiller, optimizer=optimizer, scheduler=scheduler, t_tok=t_tok, s_tok=s_tok, vocab_map=vocab_map,
                train_ds=train_ds, eval_ds=eval_ds, curriculum=curriculum, total_steps=total, calibration=calibration, cache=cache)
 
@@ -278,10 +277,11 @@ def forward_backward(distiller, acc, batches: list, weights: dict, kd_positions:
 def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
     "Distil `cfg.teacher` into `cfg.student`; returns the final metrics (also written to the run's report)."
     budget = Budget(parse_duration(cfg.time_budget), parse_duration(cfg.final_reserve) if cfg.final_reserve else None)
-    r = setup_run(cfg, accelerator)
-    try: return _distil(r, budget, callback)
+    is_main = os.environ.get('RANK', '0') == '0'    # before setup: the lock must also cover a setup that fails
+    lock = lock_run_dir(check_output_dir(cfg.output_dir)) if is_main else None
+    try: return _distil(setup_run(cfg, accelerator), budget, callback)
     finally:
-        if r.lock is not None: r.lock.close()
+        if lock is not None: lock.close()
 
 def _distil(r, budget, callback) -> dict:
     "The run after setup: resume, baseline, the loop, and the final save + evaluation."
@@ -293,8 +293,13 @@ def _distil(r, budget, callback) -> dict:
     if state.done and state.stop_reason == 'done' and state.step < r.total_steps:   # a finished run given more steps: go on
         state.done, state.stop_reason = False, ''
     if state.done:
-        log.say(f"kd_kaggle: run in {r.run_dir} already finished at step {state.step} ({state.stop_reason}); see report.md")
-        return _final_metrics(r.run_dir, meta)
+        final = _final_metrics(r.run_dir, meta, state.step)
+        if final is not None:
+            log.say(f"kd_kaggle: run in {r.run_dir} already finished at step {state.step} ({state.stop_reason}); see report.md")
+            return final
+        log.say(f"kd_kaggle: the run stopped at step {state.step} ({state.stop_reason}) before its final evaluation completed: finishing it")
+        baseline = meta.get('baseline') or {}
+        return _final_eval_and_report(r, state, log, _eval_batches(r), budget, baseline) if acc.is_main_process else {}
     if acc.is_main_process: save_config(cfg, r.run_dir/'config.json')
     eval_batches = _eval_batches(r)
     baseline = meta.get('baseline') or _baseline(r, eval_batches)
@@ -304,7 +309,7 @@ def _distil(r, budget, callback) -> dict:
     r.window = (state.tokens, budget.clock())   # throughput is measured from here, not from model loading
     progress = Progress(acc.is_main_process)
     ctrl_c = {}
-    with first_ctrl_c_stops(ctrl_c, log.say):
+    with first_ctrl_c_stops(ctrl_c):
         while not stop:
             for batch in _epoch_loader(r, state):
                 micro_batches.append(batch); state.batch_in_epoch += 1
@@ -343,7 +348,7 @@ def _distil(r, budget, callback) -> dict:
     progress.close()
     if stop == 'interrupted':                             # Ctrl-C: keep everything, skip the final evaluation
         _save(r, state, log, budget, baseline)
-        log.say(f"kd_kaggle: interrupted at step {state.step}: checkpoint saved in {r.run_dir/'checkpoints'}; "
+        log.say(f"kd_kaggle: {ctrl_c['stop']}: interrupted at step {state.step}: checkpoint saved in {r.run_dir/'checkpoints'}; "
                 "run again with resume='auto' to continue")
         raise KeyboardInterrupt
     return _finish(r, state, log, eval_batches, budget, baseline, stop)
@@ -504,7 +509,7 @@ def _resume(r, log) -> dict:
         dirs = [r.run_dir/'checkpoints', *cfg.resume_dirs]
         path = latest_valid_checkpoint(dirs, say=log.say)   # newest intact one; a damaged newer one is named and skipped
         if path is None:
-            if any(next(Path(d).rglob('checkpoint-*'), None) for d in dirs if Path(d).is_dir()):   # all damaged: never start over on them
+            if next(checkpoint_candidates(dirs), None) is not None:   # all damaged (each reason said above): never start over on them
                 raise ValueError(f"every checkpoint under {', '.join(map(str, dirs))} is damaged (see above): attach an intact "
                                  "copy via resume_dirs, or delete them to start from step 0")
             if cfg.resume_dirs:   # the user expected a run to continue: never start over silently
@@ -534,8 +539,9 @@ def _resume(r, log) -> dict:
     state, meta = load_checkpoint(path, models, r.optimizer, r.scheduler, r.acc.scaler, r.acc.process_index)
     state.batch_in_epoch = state.batch_in_epoch * n_old // n_new   # micro-batches are counted per process
     r.curriculum.load_state_dict(meta.get('curriculum', {})) if meta.get('curriculum') else None
-    if r.acc.is_main_process and (path/'metrics.jsonl').is_file():
-        atomic_write_text(log.path, ''.join(l + '\n' for l in _records_upto((path/'metrics.jsonl').read_text(), state.step)))
+    src = next((f for f in (path.parents[1]/'metrics.jsonl', path/'metrics.jsonl') if f.is_file()), None)   # the run's log has its final eval
+    if r.acc.is_main_process and src is not None:
+        atomic_write_text(log.path, ''.join(l + '\n' for l in _records_upto(src.read_text(), state.step)))
     log.say(f"kd_kaggle: resumed from {path} at step {state.step} (epoch {state.epoch}, {state.tokens:,} tokens, session {state.sessions + 1})")
     return {**meta, 'state_obj': state, 'path': path}
 
@@ -563,35 +569,38 @@ def _header(r, log, state, budget) -> None:
 
 def _finish(r, state, log, eval_batches, budget, baseline, stop) -> dict:
     "Final checkpoint and saved student first, then the final evaluation and the report: a failing eval never costs the weights."
-    acc = r.acc
     state.done = stop in ('done', 'early_stop'); state.stop_reason = stop
     _save(r, state, log, budget, baseline)            # every process takes part; nothing after this waits for the others
-    if not acc.is_main_process: return {}
+    return _final_eval_and_report(r, state, log, eval_batches, budget, baseline) if r.acc.is_main_process else {}
+
+def _final_eval_and_report(r, state, log, eval_batches, budget, baseline) -> dict:
+    "Main process: save the student, evaluate it, write final_metrics.json (tagged with the step) and the report."
     _save_student(r, r.run_dir/'student')
     try:
         final = _evaluate(r, eval_batches)
     except Exception as e:                            # e.g. an OOM in the teacher pass: the run's weights are already safe
         log.say(f"kd_kaggle: final evaluation failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
                 f"student ({r.run_dir/'student'}) and the checkpoint are saved: evaluate later with kd-kaggle eval --run {r.run_dir}")
-        final = {'eval_error': f"{type(e).__name__}: {e}"}
+        final = {'error': f"{type(e).__name__}: {e}"}
     final['student_bpb_before'] = baseline.get('student_bpb_before')
     if final.get('student_bpb_before') is not None and 'student_bpb' in final: final['bpb_gain'] = final['student_bpb_before'] - final['student_bpb']
     log.write({'step': state.step, **{f'eval_{k}': v for k, v in final.items() if isinstance(v, (int, float))}})
     atomic_write_text(r.run_dir/FINAL_METRICS, json.dumps({'step': state.step, **final}, indent=1, default=str))
     _write_report(r, state, log, budget, baseline, final)
-    log.say(f"kd_kaggle: {stop} at step {state.step}: student bpb {baseline.get('student_bpb_before') or float('nan'):.3f} -> "
+    log.say(f"kd_kaggle: {state.stop_reason} at step {state.step}: student bpb {baseline.get('student_bpb_before') or float('nan'):.3f} -> "
             f"{final.get('student_bpb', float('nan')):.3f} (teacher {final.get('teacher_bpb', float('nan')):.3f}, retention "
             f"{final.get('retention', float('nan')):.2f}); student saved to {r.run_dir/'student'}; report {r.run_dir/'report.md'}")
     return final
 
 FINAL_METRICS = 'final_metrics.json'
 
-def _final_metrics(run_dir: Path, meta: dict) -> dict:
-    "The final metrics of a finished run: its final_metrics.json, else what an older checkpoint stored."
+def _final_metrics(run_dir: Path, meta: dict, step: int):
+    "The final metrics a finished run recorded at `step` (its final_metrics.json), or None if its finish did not complete."
     for d in (Path(run_dir), *([Path(meta['path']).parents[1]] if meta.get('path') else [])):   # this run, or the resumed one
-        try: return {k: v for k, v in json.loads((d/FINAL_METRICS).read_text()).items() if k != 'step'}
+        try: m = json.loads((d/FINAL_METRICS).read_text())
         except (OSError, json.JSONDecodeError): continue
-    return (meta.get('baseline') or {}).get('final', {})
+        if m.pop('step', None) == step: return m
+    return (meta.get('baseline') or {}).get('final')   # checkpoints from before final_metrics.json stored it themselves
 
 def _write_report(r, state, log, budget, baseline, final) -> None:
     try:

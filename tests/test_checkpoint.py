@@ -176,3 +176,13 @@ def test_a_kill_mid_prune_leaves_no_partial_checkpoint_that_looks_valid(tmp_path
     assert all(verify_checkpoint(p) for _, p in list_checkpoints([tmp_path]))
     save_checkpoint(tmp_path, TrainState(step=40), {'student': net}, opt, sched, keep_last=2)   # the next save clears the .trash
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-00000030', 'checkpoint-00000040']
+
+def test_a_save_after_a_fallback_prunes_the_abandoned_checkpoint_not_itself(tmp_path):
+    "After falling back from a damaged step 30 to 20, saving step 25 with keep_last=1 keeps 25 (not the damaged 30)."
+    ckpts = _run(tmp_path, steps=(10, 20, 30))
+    _flip(ckpts[30][0]/'optimizer.pt')
+    assert latest_valid_checkpoint([tmp_path], say=lambda m: None) == ckpts[20][0]
+    net, opt, sched = _model_opt()
+    save_checkpoint(tmp_path, TrainState(step=25), {'student': net}, opt, sched, keep_last=1)
+    assert [s for s, _ in list_checkpoints([tmp_path])] == [25]
+    assert latest_valid_checkpoint([tmp_path], say=lambda m: None).name == 'checkpoint-00000025'

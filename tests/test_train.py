@@ -232,7 +232,7 @@ def test_failing_final_eval_keeps_student_and_checkpoint(tmp_path, monkeypatch, 
     m = train(_cfg(tmp_path, max_steps=3, save_every=100, eval_every=100))
     run = tmp_path/'run'
     assert (run/'student'/'model.safetensors').is_file() and (run/'checkpoints'/'checkpoint-00000003').is_dir()
-    assert 'OutOfMemoryError' in m['eval_error'] and (run/'report.md').is_file()
+    assert 'OutOfMemoryError' in m['error'] and (run/'report.md').is_file()
     assert 'final evaluation failed' in capsys.readouterr().out
 
 def test_resume_finds_a_run_saved_as_a_kaggle_dataset(tmp_path, capsys):
@@ -300,3 +300,19 @@ def test_ctrl_c_saves_a_checkpoint_and_the_next_run_continues(tmp_path, monkeypa
     train(cfg)
     out = capsys.readouterr().out
     assert 'resumed from' in out and 'at step 3' in out and 'done at step 6' in out
+
+def test_a_kill_during_the_final_evaluation_is_finished_by_the_next_run(tmp_path, monkeypatch, capsys):
+    "Killed after the final checkpoint but before its evaluation: the next run does not say 'finished', it finishes."
+    import kd_kaggle.train as tr
+    real, calls = tr._evaluate, {'n': 0}
+    def evaluate_then_die(*a, **k):
+        calls['n'] += 1
+        if calls['n'] > 1: raise KeyboardInterrupt   # not an Exception: as a kill would, it skips the failure handling
+        return real(*a, **k)
+    monkeypatch.setattr(tr, '_evaluate', evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt): train(_cfg(tmp_path, max_steps=3, save_every=100, eval_every=100))
+    monkeypatch.undo()
+    m = train(_cfg(tmp_path, max_steps=3, save_every=100, eval_every=100))
+    assert 'before its final evaluation completed: finishing it' in capsys.readouterr().out and m['student_bpb'] > 0
+    m2 = train(_cfg(tmp_path, max_steps=3, save_every=100, eval_every=100))
+    assert 'already finished at step 3' in capsys.readouterr().out and m2['student_bpb'] == m['student_bpb']
