@@ -73,11 +73,23 @@ def _tokenizer_len(path: str) -> Optional[int]:
     try: return len(_load_cached(str(path)))
     except Exception: return None
 
+def _from_pretrained(path, role: str, name: str, **kw):
+    "`AutoModelForCausalLM.from_pretrained` whose unreadable weights (truncated, damaged) give one line naming the model."
+    try: return AutoModelForCausalLM.from_pretrained(path, **kw)
+    except (OSError, EOFError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"KDConfig.{role}={name!r}: its weights in {path} could not be read ({type(e).__name__}: {first[:200]}); "
+                         "the files are damaged or incomplete: attach or download the model again") from None
+    except Exception as e:
+        if type(e).__name__ != 'SafetensorError': raise
+        raise ValueError(f"KDConfig.{role}={name!r}: its weights in {path} could not be read (SafetensorError: {e}); the files are "
+                         "damaged or incomplete: attach or download the model again") from None
+
 def load_teacher(name: str, dtype: torch.dtype = torch.float32, device='cpu'):
     "The frozen teacher in eval mode, loaded directly in `dtype` (fp16 on T4/P100, bf16 on sm>=80)."
     path = resolve_model(name, 'teacher')
     with quiet_hf():
-        model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype))
+        model = _from_pretrained(path, 'teacher', name, **_dtype_kw(dtype))
     check_vocab_fits(model, _tokenizer_len(path), 'teacher', name)
     model.to(device).eval().requires_grad_(False)
     keep_rotary_in_autocast_dtype(model)
@@ -92,7 +104,7 @@ def load_student(name: str, seed: int = 0):
     p = Path(path)
     has_weights = not p.is_dir() or any(p.glob('*.safetensors')) or any(p.glob('*.bin'))  # a Hub id always has weights
     with quiet_hf():
-        if has_weights: model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(torch.float32))
+        if has_weights: model = _from_pretrained(path, 'student', name, **_dtype_kw(torch.float32))
         else:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **_dtype_kw(torch.float32))

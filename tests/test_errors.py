@@ -185,3 +185,16 @@ def test_console_script_prints_no_traceback(tmp_path):
     r = subprocess.run([str(exe), 'train', '--data', str(write(tmp_path/'rows.jsonl', '{"text": null}\n')), '--output-dir', str(tmp_path/'run')],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "rows.jsonl:1: field 'text' must be a string" in one_line(r.stderr)
+
+
+def test_truncated_model_weights_are_one_line(tmp_path):
+    "A student (or teacher) folder whose model.safetensors is cut short: one line naming the model, not a traceback."
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from kd_kaggle.models import load_student
+    d = tmp_path/'student'
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(d)
+    AutoTokenizer.from_pretrained(str(Path(__file__).parent/'fixtures'/'tokenizers'/'smollm2')).save_pretrained(d)
+    f = d/'model.safetensors'; f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"KDConfig.student=.*could not be read.*attach or download the model again"):
+        load_student(str(d))
