@@ -107,6 +107,10 @@ def check_output_dir(path, min_free_gib: float = 1.0) -> Path:
 LOSS_FIELDS = ('divergence', 'temperature', 't2_scaling', 'jsd_beta', 'skew_alpha', 'top_k', 'kd_positions', 'curriculum',
                'feature_loss', 'contrastive_temperature')
 
+def _router_on(curriculum: dict) -> bool:
+    "Whether a (serialised) curriculum gives any router term a non-zero weight somewhere."
+    return any(max(curriculum.get(t, {}).get('start', 0), curriculum.get(t, {}).get('end', 0)) > 0 for t in ROUTER_TERMS)
+
 def check_resume_config(saved: dict, cfg: KDConfig, where) -> list:
     "Error listing the fields where `cfg` differs from the checkpoint's config `saved`; loss changes pass only on request."
     now = config_to_dict(cfg)
@@ -114,6 +118,11 @@ def check_resume_config(saved: dict, cfg: KDConfig, where) -> list:
     if diff:
         raise ValueError(f"cannot resume from {where}: the config differs in " + '; '.join(diff) +
                          ". Use the same values to continue, or a new output_dir (resume=None) to start over")
+    if 'curriculum' in saved and _router_on(saved['curriculum']) != _router_on(now['curriculum']):   # never, even on request
+        was = 'with' if _router_on(saved['curriculum']) else 'without'
+        raise ValueError(f"cannot resume from {where}: it was trained {was} the router (feat/layer/attn/contr terms) and this "
+                         "curriculum turns it " + ('off' if was == 'with' else 'on') + ": the router's weights and optimizer state "
+                         "cannot be added or dropped mid-run. Keep those terms as they were, or start a new output_dir")
     loss = [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in LOSS_FIELDS if k in saved and saved[k] != now[k]]
     if loss and not getattr(cfg, 'allow_resume_changes', False):
         raise ValueError(f"cannot resume from {where}: the loss differs in " + '; '.join(loss) + ". Use the same values to "

@@ -316,3 +316,10 @@ def test_a_kill_during_the_final_evaluation_is_finished_by_the_next_run(tmp_path
     assert 'before its final evaluation completed: finishing it' in capsys.readouterr().out and m['student_bpb'] > 0
     m2 = train(_cfg(tmp_path, max_steps=3, save_every=100, eval_every=100))
     assert 'already finished at step 3' in capsys.readouterr().out and m2['student_bpb'] == m['student_bpb']
+
+def test_resume_refuses_to_add_or_drop_the_router_even_when_asked(tmp_path):
+    "The router's weights and optimizer state cannot appear or vanish mid-run: refused up front, not as a 'damaged' checkpoint."
+    from kd_kaggle.config import router_curriculum
+    train(_cfg(tmp_path, max_steps=2, save_every=2, eval_every=100))
+    with pytest.raises(ValueError, match='trained without the router'):
+        train(_cfg(tmp_path, max_steps=4, save_every=2, eval_every=100, curriculum=router_curriculum(), allow_resume_changes=True))
