@@ -186,7 +186,7 @@ def _new_manifest(cfg, want, bmap, student_vocab, teacher, policy, n, total_rows
             'shard_examples': writer['shard_examples'] or 1024, 'batch_size': writer['batch_size'] or cfg.batch_size,
             'shards': [], 'complete': False, 'teacher_metrics': None, 'seconds': 0.0}
 
-def _shard_arrays(teacher, ds, man, bmap, policy, pads, budget, chunk) -> Optional[dict]:
+def _shard_arrays(teacher, ds, man, bmap, policy, pads, budget, chunk, bar=None) -> Optional[dict]:
     "The arrays of one shard (examples of `ds`, already selected), or None when the budget ran out during it."
     from kd_kaggle.data import make_loader
     parts, got = [], []
@@ -196,6 +196,7 @@ def _shard_arrays(teacher, ds, man, bmap, policy, pads, budget, chunk) -> Option
             raise FloatingPointError(f"the teacher produced NaN/inf log-probs (teacher dtype {man['teacher_dtype']}, fp16 overflow?): "
                                      "rerun with --precision fp32 (or bf16 on sm80+)")
         parts.append(tt); got += c.tolist()
+        if bar is not None: bar.update(len(c))
         if budget.left < budget.reserve: return None
     cat = lambda f: torch.cat([getattr(p, f) for p in parts]).cpu().numpy()
     lp = _LOGP_DTYPES[man['logp_dtype']]
@@ -256,11 +257,13 @@ def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: 
     budget.record('eval', 0.0); budget.record('save', 0.0)   # the tail to keep is one manifest write, not an evaluation
     atomic_write_text(out/MANIFEST, json.dumps(man, indent=1))
     stop, new = '', 0
+    from kd_kaggle.progress import progress_bar
+    bar = progress_bar(sum(min(n, (i + 1) * se) - i * se for i in todo), 'teacher cache', 'ex')   # examples, not shards: shards are long
     for i in todo:
         if new and budget.should_stop(): stop = 'budget'; break
         ts, a, b = budget.clock(), i * se, min(n, (i + 1) * se)
         with _deterministic(deterministic):
-            arrays = _shard_arrays(teacher, train_ds.select(range(a, b)), man, bmap, policy, pads, budget, cfg.loss_chunk)
+            arrays = _shard_arrays(teacher, train_ds.select(range(a, b)), man, bmap, policy, pads, budget, cfg.loss_chunk, bar)
         if arrays is None: stop = 'budget'; break                         # abandoned: the next call restarts this shard
         if arrays['counts'].tolist() != counts[a:b].tolist():
             raise RuntimeError(f"shard {i}: the teacher pass found {int(arrays['counts'].sum())} KD positions, the dataset "
@@ -273,6 +276,7 @@ def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: 
         atomic_write_text(out/MANIFEST, json.dumps(man, indent=1))   # last: the shard is listed only once it is complete on disk
         budget.record('step', budget.clock() - ts); new += 1
         if callback is not None: callback({'shard': i, 'shards': n_shards, 'done': len(man['shards']), 'rows': len(arrays['ids'])})
+    bar.close()
     if not todo: man['complete'] = True; atomic_write_text(out/MANIFEST, json.dumps(man, indent=1))
     return _summary(man, out, 'complete' if man['complete'] else stop or 'budget', new, budget.clock() - t0)
 

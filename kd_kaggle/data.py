@@ -345,12 +345,16 @@ def _build_datasets(cfg, teacher_tok, student_tok, key, root) -> tuple:
     tmp = root.with_name(f'.tmp-{key}-{os.getpid()}')
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    from kd_kaggle.progress import progress_bar
+    bar = progress_bar(len(train_texts) + len(eval_texts), 'data', 'text')   # the first run on a big file takes minutes
     try:
         out, counts = [], {}
         for name, texts in (('train', train_texts), ('eval', eval_texts)):
             c = counts[name] = {'rows': 0, 'unspellable': 0, 'no_scored': 0}
-            encode = lambda b, c=c: encode_examples([{'text': t, 'response_start': s} for t, s in zip(b['text'], b['response_start'])],
-                                                    teacher_tok, student_tok, cfg.seq_len, c)
+            def encode(b, c=c):
+                ex = encode_examples([{'text': t, 'response_start': s} for t, s in zip(b['text'], b['response_start'])],
+                                     teacher_tok, student_tok, cfg.seq_len, c)
+                bar.update(len(b['text'])); return ex
             if texts: ds = datasets.Dataset.from_list(texts).map(encode, batched=True, batch_size=256, remove_columns=['text', 'response_start'],
                                                                  new_fingerprint=f'{key}-{name}', load_from_cache_file=False)
             else: ds = datasets.Dataset.from_dict({k: [] for k in EXAMPLE_KEYS})
@@ -365,7 +369,7 @@ def _build_datasets(cfg, teacher_tok, student_tok, key, root) -> tuple:
         root.parent.mkdir(parents=True, exist_ok=True)
         if root.exists(): shutil.rmtree(root)
         os.replace(tmp, root)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    finally: bar.close(); shutil.rmtree(tmp, ignore_errors=True)
     return _load_split(root/'train'), _load_split(root/'eval'), meta
 
 def _load_split(path):

@@ -119,6 +119,13 @@ def _eval_mode(*models):
     finally:
         for m, was in zip(models, modes): m.train(was)
 
+def _eval_bar(batches, max_batches: Optional[int] = None):
+    "The evaluation's progress bar (stderr, main process only; total unknown for a plain iterator)."
+    from kd_kaggle.progress import progress_bar
+    n = len(batches) if hasattr(batches, '__len__') else None
+    total = min(n, max_batches) if n is not None and max_batches is not None else n if n is not None else max_batches
+    return progress_bar(total, 'eval', 'batch')
+
 def _accumulate(models: dict, batches: Iterable, vocab_map=None, policy=None, kd_positions='one_to_one',
                 chunk: int = 512, max_batches: Optional[int] = None) -> dict:
     "One pass over `batches`: per-side [nll, tokens, bytes] and, with both models and a vocab map, pair stats."
@@ -146,14 +153,14 @@ def _accumulate(models: dict, batches: Iterable, vocab_map=None, policy=None, kd
             out += _pair_stats(s_h[b, i], s_fn, t_h[b.to(t_h.device), j.to(t_h.device)], t_fn, vocab_map, chunk, cache)
         return out
 
-    with _eval_mode(*models.values()):
+    with _eval_mode(*models.values()), _eval_bar(batches, max_batches) as bar:
         for batch in batches:
             if max_batches is not None and n_batches >= max_batches: break
             key = f'{sides[0]}_input_ids'
             vals = _split_on_oom(one, batch, key)
             for s in sides: sums[s] = [a + b for a, b in zip(sums[s], vals[:3])]; vals = vals[3:]
             if pair: sums['pair'] = [a + b for a, b in zip(sums['pair'], vals)]
-            n_batches += 1; n_examples += len(batch[key])
+            n_batches += 1; n_examples += len(batch[key]); bar.update()
     if n_batches == 0: raise ValueError(_EMPTY)
     for s in sides:
         if sums[s][1] == 0:

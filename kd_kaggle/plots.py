@@ -6,7 +6,7 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/plots.html.md"""
 
 # %% ../nbs/12_plots.ipynb #1f9e52a3
 from __future__ import annotations
-import io, json, math, os, re, tempfile
+import io, json, math, os, re, tempfile, time
 from pathlib import Path
 from typing import Optional
 from matplotlib.figure import Figure
@@ -75,8 +75,9 @@ TERMS = ('ce', 'kd', 'feat', 'layer', 'attn', 'contr')
 _COLORS = {'loss': 'black', 'ce': 'tab:blue', 'kd': 'tab:orange', 'feat': 'tab:green', 'layer': 'tab:red',
            'attn': 'tab:purple', 'contr': 'tab:brown'}
 
-def _fig(n: int, width: float = 11, height: float = 3.4) -> tuple:
-    fig = Figure(figsize=(width, height), dpi=90, layout='constrained')
+def _fig(n: int, width: float = 11, height: float = 3.4, of: Optional[int] = None) -> tuple:
+    "A figure of `n` panels side by side; `of` = the panels of the full figure, which is `width` wide (fewer panels, narrower)."
+    fig = Figure(figsize=(width * n / (of or n), height), dpi=90, layout='constrained')
     FigureCanvasAgg(fig)
     return fig, [fig.add_subplot(1, n, i + 1) for i in range(n)]
 
@@ -93,6 +94,10 @@ def _curve(ax, xs, ys, label, color=None, smooth=True):
         ax.plot(xs, _ema(ys), color=color, lw=1.6, label=label)
     else: ax.plot(xs, ys, color=color, lw=1.4, label=label, marker='o' if len(ys) < 15 else None, ms=3)
 
+def _enough(ys) -> bool:
+    "Whether a series is worth a panel: at least 2 points (one point or none draws an empty-looking axis)."
+    return len(ys) >= 2
+
 def _log_if_positive(ax, *ys):
     "Log y-axis when the positive values span more than 20x (zeros, e.g. a faded-out term, are then just not drawn)."
     vals = [v for y in ys for v in y if v > 0]
@@ -102,49 +107,53 @@ def _log_if_positive(ax, *ys):
 def plot_losses(history: list) -> Optional[Figure]:
     "Raw loss terms (left) and weighted terms + total loss (right) over steps."
     train = [r for r in history if _num(r.get('loss')) is not None or any(_num(r.get(t)) is not None for t in TERMS)]
-    if not train: return None
-    fig, (raw, wtd) = _fig(2)
-    drawn, weighted = [], []
+    raw, wtd = [], []   # (xs, ys, label, color) of the curves worth drawing: >= 2 points, not all zero (a term that is off)
     for t in TERMS:
         xs, ys = series(train, 'kd_raw' if t == 'kd' and series(train, 'kd_raw')[1] else t)
-        if ys and max(ys) > 0:
-            _curve(raw, xs, ys, 'kd (raw divergence)' if t == 'kd' else t, _COLORS[t]); drawn.append(ys)
+        if _enough(ys) and max(ys) > 0: raw.append((xs, ys, 'kd (raw divergence)' if t == 'kd' else t, _COLORS[t]))
         pairs = [(_num(r.get('step')), _num(r.get(t)), _num(r.get(f'w_{t}'))) for r in train]
         pairs = [(x, v * w) for x, v, w in pairs if None not in (x, v, w)]
-        if pairs and max(abs(p[1]) for p in pairs) > 0:
-            _curve(wtd, [p[0] for p in pairs], [p[1] for p in pairs], f'w·{t}', _COLORS[t]); weighted.append([p[1] for p in pairs])
+        if _enough(pairs) and max(abs(p[1]) for p in pairs) > 0:
+            wtd.append(([p[0] for p in pairs], [p[1] for p in pairs], f'w·{t}', _COLORS[t]))
     xs, ys = series(train, 'loss')
-    if ys: _curve(wtd, xs, ys, 'total loss', _COLORS['loss']); weighted.append(ys)
-    _log_if_positive(raw, *drawn); _log_if_positive(wtd, *weighted)
-    raw.set_title('loss terms (raw)'); wtd.set_title('weighted terms and total loss')
-    for ax in (raw, wtd):
-        ax.set_xlabel('step'); ax.grid(alpha=0.3)
-        if ax.lines: ax.legend(fontsize=8, ncol=2)
+    if _enough(ys): wtd.append((xs, ys, 'total loss', _COLORS['loss']))
+    panels = [(title, cs) for title, cs in (('loss terms (raw)', raw), ('weighted terms and total loss', wtd)) if cs]
+    if not panels: return None
+    fig, axes = _fig(len(panels), of=2)
+    for ax, (title, curves) in zip(axes, panels):
+        for xs, ys, label, color in curves: _curve(ax, xs, ys, label, color)
+        _log_if_positive(ax, *(c[1] for c in curves))
+        ax.set_title(title); ax.set_xlabel('step'); ax.grid(alpha=0.3); ax.legend(fontsize=8, ncol=2)
     return fig
 
 def plot_schedules(history: list) -> Optional[Figure]:
-    "Curriculum weights (left) and learning rate (right) over steps."
+    "Curriculum weights (left) and learning rate (right) over steps; a panel with nothing to show is left out."
     ws = [(t, series(history, f'w_{t}')) for t in TERMS]
-    ws = [(t, s) for t, s in ws if s[1]]
+    ws = [(t, s) for t, s in ws if _enough(s[1]) and any(s[1])]   # a weight that is 0 all run (router terms off) is no curve
     lr = series(history, 'lr')
-    if not ws and not lr[1]: return None
-    fig, (wax, lax) = _fig(2)
-    for i, (t, (xs, ys)) in enumerate(ws):   # line styles differ so that equal weights (ce = kd = 1) stay visible
-        wax.plot(xs, ys, color=_COLORS[t], lw=1.8, ls=('-', '--', '-.', ':')[i % 4], label=f'w_{t}')
-    if lr[1]: lax.plot(*lr, color='tab:gray', lw=1.6)
-    wax.set_title('curriculum weights'); lax.set_title('learning rate')
-    for ax in (wax, lax): ax.set_xlabel('step'); ax.grid(alpha=0.3)
-    if ws: wax.legend(fontsize=8, ncol=2)
+    n = bool(ws) + _enough(lr[1])
+    if not n: return None
+    fig, axes = _fig(n, of=2)
+    if ws:
+        wax = axes[0]
+        for i, (t, (xs, ys)) in enumerate(ws):   # line styles differ so that equal weights (ce = kd = 1) stay visible
+            wax.plot(xs, ys, color=_COLORS[t], lw=1.8, ls=('-', '--', '-.', ':')[i % 4], label=f'w_{t}')
+        wax.set_title('curriculum weights'); wax.legend(fontsize=8, ncol=2)
+    if _enough(lr[1]): axes[-1].plot(*lr, color='tab:gray', lw=1.6); axes[-1].set_title('learning rate')
+    for ax in axes: ax.set_xlabel('step'); ax.grid(alpha=0.3)
     return fig
 
 def plot_eval(history: list, final: Optional[dict] = None) -> Optional[Figure]:
-    "Held-out student bpb over steps with the teacher as a horizontal line; agreement and KL if logged."
+    "Held-out student bpb over steps (at least 2 points, counting final and before) with the teacher as a line; agreement and KL if logged."
     final = final or {}
     s = series(history, 'eval_student_bpb')
     teacher = series(history, 'eval_teacher_bpb')[1] or ([final['teacher_bpb']] if _num(final.get('teacher_bpb')) else [])
     agree, kl = series(history, 'eval_agreement'), series(history, 'eval_kl')
-    if not s[1] and _num(final.get('student_bpb')) is None: return None
-    fig, axes = _fig(2 if agree[1] or kl[1] else 1)
+    if agree[1] and not _enough(agree[1]): agree = ([], [])
+    if kl[1] and not _enough(kl[1]): kl = ([], [])
+    points = len(s[1]) + sum(_num(final.get(k)) is not None for k in ('student_bpb', 'student_bpb_before'))
+    if points < 2: return None   # one eval point (or only the final number, already in the report's text) is no curve
+    fig, axes = _fig(2 if agree[1] or kl[1] else 1, of=2)
     ax = axes[0]
     if s[1]: ax.plot(*s, color='tab:blue', marker='o', ms=4, lw=1.6, label='student (held-out)')
     if _num(final.get('student_bpb')) is not None:
@@ -178,25 +187,25 @@ def skipped_counts(history: list) -> tuple:
     return xs, out
 
 def plot_system(history: list, budget_s: Optional[float] = None) -> Optional[Figure]:
-    "Throughput, peak memory, grad norm with skipped steps, and time used vs budget."
+    "Throughput, peak memory, grad norm with skipped steps, and time used vs budget; panels without 2 points are left out."
     tok, mem, gn, el = (series(history, k) for k in ('tok_s', 'peak_mem_gib', 'grad_norm', 'elapsed_s'))
     sk = skipped_counts(history)
-    if not any(s[1] for s in (tok, mem, gn, el)): return None
-    fig, axes = _fig(4, width=13, height=3.0)
-    if tok[1]: _curve(axes[0], tok[0], tok[1], 'tok/s', 'tab:blue')
-    axes[0].set_title('throughput (tokens/s)')
-    if mem[1]: axes[1].plot(*mem, color='tab:purple', lw=1.6)
-    axes[1].set_title('peak GPU memory (GiB)')
-    if gn[1]: _curve(axes[2], gn[0], gn[1], 'grad norm', 'tab:gray'); _log_if_positive(axes[2], gn[1])
-    if sk[1] and sk[1][-1] > 0:
-        kx = axes[2].twinx(); kx.step(sk[0], sk[1], where='post', color='tab:red', lw=1.4); kx.set_ylabel('skipped steps (cumulative)', color='tab:red')
-    axes[2].set_title(f'grad norm; skipped steps: {int(sk[1][-1]) if sk[1] else 0}')
-    if el[1]:
-        axes[3].plot(el[0], [v / 3600 for v in el[1]], color='tab:green', lw=1.6, label='elapsed')
-        if budget_s: axes[3].axhline(budget_s / 3600, color='tab:red', ls='--', lw=1.4, label=f'budget {format_duration(budget_s)}')
-        axes[3].legend(fontsize=8)
-    axes[3].set_title('time used (hours)')
-    for ax in axes: ax.set_xlabel('step'); ax.grid(alpha=0.3)
+    panels = [k for k, s in zip(('tok', 'mem', 'gn', 'el'), (tok, mem, gn, el)) if _enough(s[1])]   # e.g. no GPU memory on CPU
+    if not panels: return None
+    fig, axes = _fig(len(panels), width=13, height=3.0, of=4)
+    ax = dict(zip(panels, axes))
+    if 'tok' in ax: _curve(ax['tok'], tok[0], tok[1], 'tok/s', 'tab:blue'); ax['tok'].set_title('throughput (tokens/s)')
+    if 'mem' in ax: ax['mem'].plot(*mem, color='tab:purple', lw=1.6); ax['mem'].set_title('peak GPU memory (GiB)')
+    if 'gn' in ax:
+        _curve(ax['gn'], gn[0], gn[1], 'grad norm', 'tab:gray'); _log_if_positive(ax['gn'], gn[1])
+        if sk[1] and sk[1][-1] > 0:
+            kx = ax['gn'].twinx(); kx.step(sk[0], sk[1], where='post', color='tab:red', lw=1.4); kx.set_ylabel('skipped steps (cumulative)', color='tab:red')
+        ax['gn'].set_title(f'grad norm; skipped steps: {int(sk[1][-1]) if sk[1] else 0}')
+    if 'el' in ax:
+        ax['el'].plot(el[0], [v / 3600 for v in el[1]], color='tab:green', lw=1.6, label='elapsed')
+        if budget_s: ax['el'].axhline(budget_s / 3600, color='tab:red', ls='--', lw=1.4, label=f'budget {format_duration(budget_s)}')
+        ax['el'].legend(fontsize=8); ax['el'].set_title('time used (hours)')
+    for a in axes: a.set_xlabel('step'); a.grid(alpha=0.3)
     return fig
 
 # %% ../nbs/12_plots.ipynb #df7104df
@@ -218,15 +227,26 @@ def _fmt(v, spec: str = '.4f') -> str:
     v = _num(v)
     return '—' if v is None else format(v, spec)
 
-def training_summary(history: list, budget_s: Optional[float] = None) -> dict:
-    "Steps, tokens, skipped steps, median throughput, peak memory and time used vs budget from the history."
+def _state_time(state: dict, session_s) -> Optional[float]:
+    "Time used per the final state: earlier sessions' `train_seconds` plus this session's (the trainer adds it only when saving)."
+    done = _num(state.get('train_seconds'))
+    if done is None: return None
+    return done + (_num(session_s) or 0.0)
+
+def training_summary(history: list, budget_s: Optional[float] = None, state: Optional[dict] = None, session_s=None) -> dict:
+    "Steps, tokens, skipped steps, median throughput, peak memory and time used vs budget; counts from the final `state` when given."
+    state = state if isinstance(state, dict) else {}
     last = lambda k: (series(history, k)[1] or [None])[-1]
+    final = lambda k, hk: _num(state.get(k)) if _num(state.get(k)) is not None else last(hk)   # the last record is up to log_every steps old
     tok = sorted(series(history, 'tok_s')[1])
-    sk, el = skipped_counts(history)[1], last('elapsed_s')
-    out = {'steps': last('step'), 'tokens': last('tokens'), 'skipped_steps': int(sk[-1]) if sk else 0,
+    sk = skipped_counts(history)[1]
+    el = [v for v in (_state_time(state, session_s), last('elapsed_s')) if v is not None]
+    skipped = _num(state.get('skipped_steps'))
+    if skipped is None: skipped = sk[-1] if sk else 0
+    out = {'steps': final('step', 'step'), 'tokens': final('tokens', 'tokens'), 'skipped_steps': int(skipped),
            'median_tok_s': tok[len(tok) // 2] if tok else None, 'peak_mem_gib': max(series(history, 'peak_mem_gib')[1], default=None),
-           'elapsed_s': el, 'budget_s': budget_s}
-    out['budget_used'] = el / budget_s if el is not None and budget_s else None
+           'elapsed_s': max(el) if el else None, 'budget_s': budget_s}   # time only grows: the later of state and record
+    out['budget_used'] = out['elapsed_s'] / budget_s if out['elapsed_s'] is not None and budget_s else None
     return out
 
 def _budget(config: dict, extra: dict) -> Optional[float]:
@@ -283,6 +303,8 @@ def _report_md(title: str, final: dict, summary: dict, config: dict, extra: dict
     if summary.get('budget_s'): used += f" of {format_duration(summary['budget_s'])} ({_fmt(100 * (summary['budget_used'] or 0), '.0f')} %)"
     rows = {'optimizer steps': summary.get('steps'), 'tokens seen': summary.get('tokens'), 'skipped steps (non-finite)': summary.get('skipped_steps'),
             'median throughput (tokens/s)': summary.get('median_tok_s'), 'peak GPU memory (GiB)': summary.get('peak_mem_gib'), 'time used': used}
+    state = extra.get('state') if isinstance(extra.get('state'), dict) else {}
+    rows |= {k: state[k] for k in ('stop_reason', 'best_step') if state.get(k) not in (None, '', -1)}
     rows |= {k: extra[k] for k in ('stop_reason', 'device', 'best_step') if k in extra}
     md += _kv_table({k: (f'{v:,.0f}' if isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'peak GPU memory (GiB)' else v)
                      for k, v in rows.items() if v is not None}) + ['']
@@ -313,8 +335,9 @@ def write_report(run_dir, history, final_metrics: Optional[dict] = None, config_
         try:
             fig = make()
             if fig is not None: save_figure(fig, run_dir / f'{name}.png'); pngs[name] = f'{name}.png'
+            else: (run_dir / f'{name}.png').unlink(missing_ok=True)   # an earlier report's figure would now be stale
         except Exception as e: errors.append(f'figure {name!r} failed: {type(e).__name__}: {e}')
-    try: summary = training_summary(history, budget)
+    try: summary = training_summary(history, budget, extra.get('state'), extra.get('session_s'))
     except Exception as e: summary = {}; errors.append(f'training summary failed: {type(e).__name__}: {e}')
     title = extra.pop('title', None) or run_dir.resolve().name
     report = {'title': title, 'final_metrics': final, 'training': summary, 'config': config, 'extra': extra,
@@ -358,53 +381,68 @@ def in_notebook() -> bool:
     return ip is not None and (getattr(ip, 'kernel', None) is not None or type(ip).__name__ == 'ZMQInteractiveShell')
 
 class LivePlot:
-    "Redraw a small loss + eval-bpb figure in place every `every` updates in a notebook; do nothing elsewhere."
-    def __init__(self, every: int = 25, keys: tuple = ('loss', 'ce', 'kd_raw'), enabled: Optional[bool] = None, max_points: int = 2000):
-        self.every, self.keys, self.max_points = max(1, every), tuple(keys), max_points
+    "Loss and held-out bpb redrawn in place in a notebook: first record, every eval record, at most every `interval` s, and `close`."
+    def __init__(self, interval: float = 5.0, keys: tuple = ('loss', 'ce', 'kd_raw'), enabled: Optional[bool] = None,
+                 max_points: int = 2000, clock=time.monotonic, every: Optional[int] = None):
+        # `every` was a record count between redraws (the first came ~200 steps in); accepted so `LivePlot(every=20)` still runs
+        self.interval, self.keys, self.max_points, self.clock = interval, tuple(keys), max_points, clock
         self.enabled = in_notebook() if enabled is None else enabled
-        self.n, self.handle = 0, None
+        self.n, self.draws, self.handle, self.last_draw, self.render_s, self.dirty = 0, 0, None, None, 0.0, False
         self.data = {k: ([], []) for k in self.keys + ('eval_student_bpb', 'eval_teacher_bpb')}
 
     def update(self, record: dict) -> None:
-        "Add one history record; redraw if this is the `every`-th."
+        "Add one history record; redraw if it is the first, an eval record, or the last redraw is `interval` s old."
         if not self.enabled: return
-        self.n += 1
+        self.n += 1; self.dirty = True
         step = _num(record.get('step')); step = self.n if step is None else step
         for k, (xs, ys) in self.data.items():
             v = _num(record.get(k))
             if v is None: continue
             xs.append(step); ys.append(v)
             if len(xs) > self.max_points: del xs[::2], ys[::2]   # halve the resolution: bounded memory and drawing time
-        if self.n % self.every == 0: self.draw()
+        wait = max(self.interval, 20 * self.render_s)   # drawing never takes more than ~5 % of the run, however slow it is
+        if self.last_draw is None or _num(record.get('eval_student_bpb')) is not None or self.clock() - self.last_draw >= wait:
+            self.draw()
+    __call__ = update   # so the plot itself can be the trainer's callback: train(cfg, callback=live)
 
     def render(self) -> bytes:
-        "The current figure as PNG bytes."
-        fig, (lax, eax) = _fig(2, width=9, height=2.6)
+        "The current figure as PNG bytes (the eval panel appears with the first eval point)."
+        has_eval = bool(self.data['eval_student_bpb'][1])
+        fig, axes = _fig(1 + has_eval, width=9, height=2.6, of=2)
+        lax = axes[0]
         for k in self.keys:
             xs, ys = self.data[k]
             if ys: _curve(lax, xs, ys, k, _COLORS.get(k.replace('_raw', '')))
         _log_if_positive(lax, *(self.data[k][1] for k in self.keys))
-        xs, ys = self.data['eval_student_bpb']
-        if ys: eax.plot(xs, ys, color='tab:blue', marker='o', ms=3, label='student')
-        if self.data['eval_teacher_bpb'][1]: eax.axhline(self.data['eval_teacher_bpb'][1][-1], color='tab:orange', ls='--', label='teacher')
-        lax.set_title('training loss'); eax.set_title('held-out bits per byte')
-        for ax in (lax, eax):
+        lax.set_title('training loss')
+        if has_eval:
+            eax = axes[1]
+            eax.plot(*self.data['eval_student_bpb'], color='tab:blue', marker='o', ms=3, label='student')
+            if self.data['eval_teacher_bpb'][1]: eax.axhline(self.data['eval_teacher_bpb'][1][-1], color='tab:orange', ls='--', label='teacher')
+            eax.set_title('held-out bits per byte')
+        for ax in axes:
             ax.grid(alpha=0.3); ax.tick_params(labelsize=8)
             if ax.lines: ax.legend(fontsize=7)
         buf = io.BytesIO(); fig.savefig(buf, format='png'); fig.clear()
         return buf.getvalue()
 
     def draw(self) -> None:
-        "Redraw now (in place after the first time)."
+        "Redraw now: one PNG in one display handle, updated in place (no widgets: Kaggle shows those as 'Loading widget...')."
         if not self.enabled or not any(ys for _, ys in self.data.values()): return
         from IPython.display import Image, display
-        img = Image(data=self.render(), format='png')
+        t = self.clock(); img = Image(data=self.render(), format='png')
+        self.last_draw, self.dirty, self.draws = self.clock(), False, self.draws + 1
+        self.render_s = max(0.0, self.last_draw - t)
         if self.handle is None: self.handle = display(img, display_id=True)
         else: self.handle.update(img)
 
     def close(self) -> None:
-        "Final redraw so the last records are shown."
-        if self.enabled and self.n % self.every: self.draw()
+        "Draw the final state (records since the last redraw); call at the end, or use `with LivePlot() as live:`."
+        if self.enabled and self.dirty: self.draw()
+    finish = close
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
 
 # %% ../nbs/12_plots.ipynb #fb4c5373
 def _si(x: float) -> str:

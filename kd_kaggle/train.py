@@ -316,8 +316,9 @@ def _distil(r, budget, callback) -> dict:
     state.sessions += 1
     stop, micro_batches, t_step = '', [], time.monotonic()
     r.window = (state.tokens, budget.clock())   # throughput is measured from here, not from model loading
-    progress = Progress(acc.is_main_process)
-    ctrl_c = {}
+    progress = Progress(r.total_steps, state.step, acc.is_main_process)
+    log.say = progress.printer(log.say)               # console lines must not land inside a terminal bar's line
+    ctrl_c, first_step, warned = {}, state.step, False
     with first_ctrl_c_stops(ctrl_c):
         while not stop:
             for batch in _epoch_loader(r, state):
@@ -342,11 +343,13 @@ def _distil(r, budget, callback) -> dict:
                 r.optimizer.zero_grad(set_to_none=True)
                 state.step += 1; state.bad_in_row = 0
                 now = time.monotonic(); budget.record('step', now - t_step); t_step = now
+                if not warned and (msg := _eta_warning(r, state, budget, state.step - first_step)): log.say(msg); warned = True
+                rec = None
                 if state.step % cfg.log_every == 0 or state.step == r.total_steps:
                     rec = _train_record(r, state, parts, weights, loss, grad_norm, budget)
                     log.write(rec); callback and callback(rec)
-                    progress.show(_progress_text(r, state, rec, budget))
                     if log.due(state.step): log.say(_console_line(r, state, rec, budget))
+                progress.step(rec['loss'] if rec else None)
                 stop = _stop_reason(r, state, budget, ctrl_c)
                 if state.step % cfg.eval_every == 0 and not stop: stop = _eval_and_maybe_stop(r, state, log, eval_batches, budget, callback)
                 if stop: break                                # _finish saves and evaluates once
@@ -444,20 +447,29 @@ def _train_record(r, state, parts, weights, loss, grad_norm, budget) -> dict:
 OOM_ERRORS = (getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError),)
 
 class Progress:
-    "One progress line updated in place: a display handle in a notebook, a carriage return on a terminal, nothing in a log file."
-    def __init__(self, is_main: bool = True):
-        from kd_kaggle.plots import in_notebook, ProgressLine
-        self.notebook = ProgressLine(True) if is_main and in_notebook() else None
-        self.tty = is_main and self.notebook is None and sys.stderr.isatty()
-    def show(self, line: str):
-        if self.notebook: self.notebook.show(line)
-        elif self.tty: sys.stderr.write('\r' + line[:160].ljust(160)); sys.stderr.flush()
-    def close(self):
-        if self.tty: sys.stderr.write('\n'); sys.stderr.flush()
+    "The training bar on stderr (`progress.progress_bar`): steps, rate, ETA and the last logged loss; main process only."
+    def __init__(self, total: int, initial: int = 0, is_main: bool = True):
+        from kd_kaggle.progress import progress_bar
+        self.bar = progress_bar(total, 'train', 'step', is_main, initial=initial)
+    def step(self, loss: Optional[float] = None):
+        "One optimizer step done (`loss`: the value just logged, shown until the next record)."
+        if loss is not None: self.bar.set_postfix(loss=f'{loss:.3f}', refresh=False)
+        self.bar.update()
+    def printer(self, say):
+        "`say` wrapped so that, on a terminal, the bar steps aside for the line and is redrawn below it."
+        from tqdm import tqdm
+        if type(self.bar) is not tqdm: return say     # notebook / log bars have no line of their own on the console
+        return lambda text: (self.bar.clear(), say(text), self.bar.refresh())[1]
+    def close(self): self.bar.close()
 
-def _progress_text(r, state, rec, budget) -> str:
-    from kd_kaggle.plots import progress_line
-    return progress_line(state.step, r.total_steps, rec['tok_s'], budget.step_s * (r.total_steps - state.step), budget.left, rec['loss'])
+def _eta_warning(r, state, budget, session_steps: int) -> Optional[str]:
+    "The one-line warning when, at the measured speed, the budget ends the run before its last step (None if it fits)."
+    if session_steps < 10 or not budget.step_s: return None   # the first steps include warm-up: too noisy to judge
+    need, usable = budget.step_s * (r.total_steps - state.step), max(budget.left - budget.needed_to_finish(), 0.0)
+    if need <= usable: return None
+    return (f"kd_kaggle: warning: at the current speed the run needs ~{format_duration(need)} but the budget leaves "
+            f"{format_duration(usable)}: it will stop at about step {state.step + int(usable / budget.step_s)}; "
+            "raise time_budget or lower max_steps")
 
 def _console_line(r, state, rec, budget) -> str:
     eta = budget.step_s * (r.total_steps - state.step)
@@ -643,7 +655,8 @@ def evaluate_student_dir(cfg: KDConfig, student_dir, write_report: bool = False)
 # %% ../nbs/10_train.ipynb #7cbc3159
 def demo_config(output_dir='runs/demo', **overrides) -> KDConfig:
     "The config of the offline CPU demo run (overrides are KDConfig fields)."
+    # time_budget: the demo takes ~1 min on a CPU; the margin lets a busy machine still reach its last step
     base = dict(teacher='demo', student='demo', data='demo', seq_len=128, batch_size=16, grad_accum=1, max_steps=240, lr=2e-3,
                 router_lr=3e-3, warmup_ratio=0.05, max_train_examples=4000, max_eval_examples=48, eval_every=80, save_every=120,
-                log_every=10, print_every=40, time_budget='10m', output_dir=str(output_dir), resume='auto', loss_chunk=512)
+                log_every=10, print_every=40, time_budget='30m', output_dir=str(output_dir), resume='auto', loss_chunk=512)
     return KDConfig(**{**base, **overrides})
