@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 # %% auto #0
-__all__ = ['DeviceInfo', 'detect_device', 'torch_supports_gpu', 'gpu_mismatch_message', 'PrecisionPolicy', 'choose_precision',
-           'needs_repeat_kv', 'use_repeat_kv_for_sdpa', 'on_kaggle', 'free_disk_gib', 'hf_offline',
+__all__ = ['DeviceInfo', 'nvidia_smi_gpus', 'detect_device', 'torch_supports_gpu', 'gpu_mismatch_message', 'PrecisionPolicy',
+           'choose_precision', 'needs_repeat_kv', 'use_repeat_kv_for_sdpa', 'on_kaggle', 'free_disk_gib', 'hf_offline',
            'internet_available', 'quiet_hf', 'Check', 'doctor', 'format_checks', 'checks_exit_code']
 
 # %% ../nbs/01_env.ipynb #34f1f192
@@ -33,12 +33,28 @@ class DeviceInfo:
     @property
     def sm(self) -> Optional[str]: return None if self.capability is None else f"sm_{self.capability[0]}{self.capability[1]}"
 
+def nvidia_smi_gpus() -> Optional[list]:
+    "[(name, (major, minor), GiB)] of the GPUs from `nvidia-smi`, or None; unlike torch it leaves CUDA uninitialised here."
+    import subprocess
+    try: out = subprocess.run(['nvidia-smi', '--query-gpu=name,compute_cap,memory.total', '--format=csv,noheader,nounits'],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError): return None
+    try:
+        rows = [[x.strip() for x in line.split(',')] for line in out.stdout.strip().splitlines()] if out.returncode == 0 else []
+        gpus = [(name, tuple(int(v) for v in cap.split('.')), float(mem) / 1024) for name, cap, mem in rows]
+    except ValueError: return None   # an old driver without compute_cap: ask torch instead
+    return gpus or None
+
 def detect_device() -> DeviceInfo:
-    "Describe the GPU (if any) visible to torch, without allocating on it."
+    "Describe the GPU (if any) visible to torch without initialising CUDA (`notebook_launcher` must fork after this)."
     if not torch.cuda.is_available(): return DeviceInfo('cpu')
-    p = torch.cuda.get_device_properties(0)
-    return DeviceInfo('cuda', p.name, torch.cuda.device_count(), (p.major, p.minor), p.total_memory / 2**30,
-                      torch.__version__, torch.version.cuda, list(torch.cuda.get_arch_list()))
+    gpus, count = nvidia_smi_gpus(), torch.cuda.device_count()
+    if gpus and not os.environ.get('CUDA_VISIBLE_DEVICES'):   # with a device mask nvidia-smi's order may not be torch's
+        name, cap, gib = gpus[0]
+    else:
+        p = torch.cuda.get_device_properties(0)
+        name, cap, gib = p.name, (p.major, p.minor), p.total_memory / 2**30
+    return DeviceInfo('cuda', name, count, cap, gib, torch.__version__, torch.version.cuda, list(torch.cuda.get_arch_list()))
 
 # %% ../nbs/01_env.ipynb #a69fc892
 def torch_supports_gpu(capability: tuple, arch_list: list) -> bool:
