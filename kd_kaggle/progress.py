@@ -39,7 +39,8 @@ class LogBar(tqdm):
 
     def _due(self) -> bool:
         now, total = time.time(), self.total or 0
-        if now - self.start_t < self.quiet_s: return False   # a short phase gets only its final line
+        start = getattr(self, 'start_t', None)               # unset while tqdm's __init__ draws a resumed bar
+        if start is None or now - start < self.quiet_s: return False   # a short phase gets only its final line
         return (total and self.n >= self._next) or now - self._last_line >= self.seconds
 
     def display(self, msg=None, pos=None):

@@ -196,7 +196,7 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     policy = choose_precision(cfg.precision, info)
     if needs_repeat_kv(info): use_repeat_kv_for_sdpa()   # T4/P100: keep SDPA on the memory-efficient kernel
     acc = accelerator or Accelerator(mixed_precision=policy.mixed, cpu=info.kind == 'cpu',
-                                     kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                                     kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_router_on(cfg.curriculum)),   # faded router terms leave parameters unused
                                                       # the first data build and the evals run on rank 0 while the others wait
                                                       InitProcessGroupKwargs(timeout=timedelta(hours=3))])
     set_seed(cfg.seed)
