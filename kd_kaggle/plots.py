@@ -13,11 +13,12 @@ from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from .config import atomic_write_text, format_duration, parse_duration
 from .evaluate import generations_table, to_jsonable
+from .progress import in_notebook   # one test, shared with the progress bars
 
 # %% auto #0
 __all__ = ['TERMS', 'synthetic_history', 'load_history', 'series', 'plot_losses', 'plot_schedules', 'plot_eval', 'skipped_counts',
-           'plot_system', 'save_figure', 'training_summary', 'write_report', 'report_parts', 'show_report',
-           'in_notebook', 'LivePlot', 'progress_line', 'ProgressLine']
+           'plot_system', 'save_figure', 'training_summary', 'write_report', 'report_parts', 'show_report', 'LivePlot',
+           'progress_line', 'ProgressLine']
 
 # %% ../nbs/12_plots.ipynb #4008d08a
 def synthetic_history(steps: int = 3000, log_every: int = 10, eval_every: int = 500, seed: int = 0) -> list:
@@ -373,13 +374,6 @@ def show_report(run_dir) -> None:
     for kind, v in report_parts(run_dir): display(Markdown(v) if kind == 'md' else Image(filename=str(v)))
 
 # %% ../nbs/12_plots.ipynb #a142c654
-def in_notebook() -> bool:
-    "True inside a Jupyter/Kaggle kernel (where display handles update in place); False in a terminal, script or test runner."
-    try: from IPython import get_ipython
-    except ImportError: return False
-    ip = get_ipython()
-    return ip is not None and (getattr(ip, 'kernel', None) is not None or type(ip).__name__ == 'ZMQInteractiveShell')
-
 class LivePlot:
     "Loss and held-out bpb redrawn in place in a notebook: first record, every eval record, at most every `interval` s, and `close`."
     def __init__(self, interval: float = 5.0, keys: tuple = ('loss', 'ce', 'kd_raw'), enabled: Optional[bool] = None,

@@ -11,15 +11,15 @@ from typing import Optional
 from tqdm import tqdm
 
 # %% auto #0
-__all__ = ['is_main_process', 'LogBar', 'NotebookBar', 'progress_bar']
+__all__ = ['is_main_process', 'in_notebook', 'LogBar', 'NotebookBar', 'progress_bar']
 
 # %% ../nbs/01b_progress.ipynb #e45e4bca
 def is_main_process() -> bool:
     "True unless this is a non-zero rank of a torchrun/accelerate launch (RANK is set before any model loads)."
     return os.environ.get('RANK', '0') == '0'
 
-def _in_notebook() -> bool:
-    "True inside a Jupyter/Kaggle kernel (same test as `plots.in_notebook`, which comes later in the data flow)."
+def in_notebook() -> bool:
+    "True inside a Jupyter/Kaggle kernel (where display handles update in place); False in a terminal, script or test runner."
     ip = sys.modules.get('IPython') and sys.modules['IPython'].get_ipython()
     return ip is not None and (getattr(ip, 'kernel', None) is not None or type(ip).__name__ == 'ZMQInteractiveShell')
 
@@ -81,5 +81,5 @@ def progress_bar(total: Optional[int] = None, desc: str = '', unit: str = 'it', 
     is_main = is_main_process() if is_main is None else is_main
     kw = lambda **mode: {**mode, 'total': total, 'desc': desc, 'unit': unit, 'initial': initial, 'disable': not is_main, **kwargs}
     if _isatty(file): return tqdm(**kw(file=file, dynamic_ncols=True, mininterval=0.5))
-    if _in_notebook() and file in (sys.stderr, sys.stdout): return NotebookBar(**kw(ncols=100, mininterval=0.5))
+    if in_notebook() and file in (sys.stderr, sys.stdout): return NotebookBar(**kw(ncols=100, mininterval=0.5))
     return LogBar(**kw(file=file, ncols=100))

@@ -14,6 +14,7 @@ import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
 from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions
+from .progress import is_main_process
 from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
                                   latest_valid_checkpoint, checkpoint_candidates, default_print_every)
 
@@ -286,8 +287,8 @@ def forward_backward(distiller, acc, batches: list, weights: dict, kd_positions:
 def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
     "Distil `cfg.teacher` into `cfg.student`; returns the final metrics (also written to the run's report)."
     budget = Budget(parse_duration(cfg.time_budget), parse_duration(cfg.final_reserve) if cfg.final_reserve else None)
-    is_main = os.environ.get('RANK', '0') == '0'    # before setup: the lock must also cover a setup that fails
-    lock = lock_run_dir(check_output_dir(cfg.output_dir)) if is_main else None
+    # before setup (no accelerator yet): the lock must also cover a setup that fails
+    lock = lock_run_dir(check_output_dir(cfg.output_dir)) if is_main_process() else None
     try: return _distil(setup_run(cfg, accelerator), budget, callback)
     finally:
         if lock is not None: lock.close()

@@ -34,7 +34,7 @@ def test_notebook_uses_no_widgets(monkeypatch):
     "In a notebook kernel the bar is a text display output, never tqdm.notebook's widget."
     from tqdm.notebook import tqdm_notebook
     shown = []
-    monkeypatch.setattr(pg, '_in_notebook', lambda: True)
+    monkeypatch.setattr(pg, 'in_notebook', lambda: True)
     monkeypatch.setattr(NotebookBar, 'display', lambda self, msg=None, pos=None: shown.append(str(self)) or True)
     monkeypatch.setattr(sys, 'stderr', io.StringIO())
     bar = progress_bar(10, 'eval', 'batch', is_main=True)
