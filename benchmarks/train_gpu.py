@@ -34,6 +34,10 @@ def main():
     ap.add_argument('--out', default='runs/gpu'); ap.add_argument('--models', default='/tmp/kd_models')
     ap.add_argument('--steps', type=int, default=40); ap.add_argument('--batch-size', type=int, default=4)
     ap.add_argument('--seq-len', type=int, default=1024); ap.add_argument('--cap-gib', type=float, default=15.0)
+    ap.add_argument('--grad-accum', type=int, default=1); ap.add_argument('--save-every', type=int, default=None)
+    ap.add_argument('--log-every', type=int, default=5); ap.add_argument('--eval-every', type=int, default=None)
+    ap.add_argument('--resume', default='auto', help="'auto' (this --out) or a checkpoint dir, e.g. one a 2-GPU run wrote")
+    ap.add_argument('--cache-dir', default=None, help='prepared-data cache shared by several runs (default: under --out)')
     args = ap.parse_args()
     from accelerate import PartialState
     state = PartialState()
@@ -51,9 +55,10 @@ def main():
     from kd_kaggle.train import train
     from torch.nn.attention import sdpa_kernel, SDPBackend
     cfg = KDConfig(teacher=str(Path(args.models)/'teacher'), student=str(Path(args.models)/'student'), data=str(data),
-                   seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, precision='fp16', lr=3e-4,
-                   max_eval_examples=32, eval_every=max(10, args.steps // 2), save_every=max(10, args.steps // 2), log_every=5,
-                   print_every=10, time_budget='20m', output_dir=args.out, max_train_examples=2000, resume='auto')
+                   seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
+                   precision='fp16', lr=3e-4, max_eval_examples=32, eval_every=args.eval_every or max(10, args.steps // 2),
+                   save_every=args.save_every or max(10, args.steps // 2), log_every=args.log_every, print_every=10,
+                   time_budget='20m', output_dir=args.out, max_train_examples=2000, resume=args.resume, cache_dir=args.cache_dir)
     t0 = time.time()
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):   # a T4 has no flash / cuDNN attention
         m = train(cfg)

@@ -45,7 +45,7 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     st = {'python': random.getstate(), 'numpy': (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
           'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized(): st['cuda_current'] = torch.cuda.get_rng_state()   # this process's GPU only: a resume may see fewer
     return st
 
 def set_rng_state(st: dict) -> None:
@@ -54,7 +54,9 @@ def set_rng_state(st: dict) -> None:
     name, keys, pos, has_gauss, cached = st['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st['torch'])
-    if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
+    states = [st['cuda_current']] if 'cuda_current' in st else st.get('cuda') or []   # 'cuda': all devices (older checkpoints)
+    if states and torch.cuda.is_available():   # a run saved on 2 GPUs resumes on 1 (or the reverse): restore this device's state
+        torch.cuda.set_rng_state(states[min(torch.cuda.current_device(), len(states) - 1)])
 
 # %% ../nbs/09_checkpoint.ipynb #734d6232
 CKPT_RE = re.compile(r'^checkpoint-(\d{8})$')

@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 
 # %% auto #0
-__all__ = ['DeviceInfo', 'nvidia_smi_gpus', 'detect_device', 'torch_supports_gpu', 'gpu_mismatch_message', 'PrecisionPolicy',
-           'choose_precision', 'needs_repeat_kv', 'use_repeat_kv_for_sdpa', 'on_kaggle', 'free_disk_gib', 'hf_offline',
-           'internet_available', 'quiet_hf', 'Check', 'doctor', 'format_checks', 'checks_exit_code']
+__all__ = ['DeviceInfo', 'nvidia_smi_gpus', 'fork_safe_cuda_available', 'detect_device', 'torch_supports_gpu',
+           'gpu_mismatch_message', 'PrecisionPolicy', 'choose_precision', 'needs_repeat_kv', 'use_repeat_kv_for_sdpa',
+           'on_kaggle', 'free_disk_gib', 'hf_offline', 'internet_available', 'quiet_hf', 'Check', 'doctor',
+           'format_checks', 'checks_exit_code']
 
 # %% ../nbs/01_env.ipynb #34f1f192
 @dataclass
@@ -45,12 +46,21 @@ def nvidia_smi_gpus() -> Optional[list]:
     except ValueError: return None   # an old driver without compute_cap: ask torch instead
     return gpus or None
 
+def fork_safe_cuda_available() -> bool:
+    "`torch.cuda.is_available()` answered by NVML: plain `is_available` calls cuInit, after which forked GPU workers fail."
+    old = os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK')
+    os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'
+    try: return torch.cuda.is_available()
+    finally:
+        if old is None: del os.environ['PYTORCH_NVML_BASED_CUDA_CHECK']
+        else: os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = old
+
 def detect_device() -> DeviceInfo:
     "Describe the GPU (if any) visible to torch without initialising CUDA (`notebook_launcher` must fork after this)."
-    if not torch.cuda.is_available(): return DeviceInfo('cpu')
+    if not fork_safe_cuda_available(): return DeviceInfo('cpu')
     gpus, count = nvidia_smi_gpus(), torch.cuda.device_count()
-    if gpus and not os.environ.get('CUDA_VISIBLE_DEVICES'):   # with a device mask nvidia-smi's order may not be torch's
-        name, cap, gib = gpus[0]
+    if gpus and (not os.environ.get('CUDA_VISIBLE_DEVICES') or len(set(gpus)) == 1):   # with a mask, nvidia-smi's order may
+        name, cap, gib = gpus[0]                                                          # differ from torch's: fine if all alike
     else:
         p = torch.cuda.get_device_properties(0)
         name, cap, gib = p.name, (p.major, p.minor), p.total_memory / 2**30

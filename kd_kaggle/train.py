@@ -296,6 +296,7 @@ def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
 def _distil(r, budget, callback) -> dict:
     "The run after setup: resume, baseline, the loop, and the final save + evaluation."
     cfg, acc, state = r.cfg, r.acc, TrainState()
+    callback = r.callback = callback if acc.is_main_process else None   # records exist on the main process only
     every = cfg.print_every or default_print_every(r.total_steps)
     log = RunLog(r.run_dir, math.ceil(every / cfg.log_every) * cfg.log_every, acc.is_main_process)   # lines come with records
     meta = _resume(r, log) if cfg.resume else {}
@@ -606,7 +607,9 @@ def _final_eval_and_report(r, state, log, eval_batches, budget, baseline) -> dic
         final = {'error': f"{type(e).__name__}: {e}"}
     final['student_bpb_before'] = baseline.get('student_bpb_before')
     if final.get('student_bpb_before') is not None and 'student_bpb' in final: final['bpb_gain'] = final['student_bpb_before'] - final['student_bpb']
-    log.write({'step': state.step, **{f'eval_{k}': v for k, v in final.items() if isinstance(v, (int, float))}})
+    rec = {'step': state.step, **{f'eval_{k}': v for k, v in final.items() if isinstance(v, (int, float))}}
+    log.write(rec)
+    if getattr(r, 'callback', None): r.callback(rec)   # the live plot gets the final point too
     atomic_write_text(r.run_dir/FINAL_METRICS, json.dumps({'step': state.step, **final}, indent=1, default=str))
     _write_report(r, state, log, budget, baseline, final)
     log.say(f"kd_kaggle: {state.stop_reason} at step {state.step}: student bpb {baseline.get('student_bpb_before') or float('nan'):.3f} -> "

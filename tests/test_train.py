@@ -65,7 +65,11 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
 
 def test_console_stays_within_print_budget(tmp_path, capsys):
     "Header + one line per print_every + the final line; evaluation prints nothing per batch."
-    train(demo_config(tmp_path/'run', max_steps=60, print_every=20, eval_every=10, max_train_examples=400, max_eval_examples=32, batch_size=8))
+    seen = []
+    train(demo_config(tmp_path/'run', max_steps=60, print_every=20, eval_every=10, max_train_examples=400, max_eval_examples=32, batch_size=8),
+          callback=seen.append)
+    assert seen[-1]['step'] == 60 and 'eval_student_bpb' in seen[-1]   # the callback (live plot) also gets the final evaluation
+    assert sum('eval_student_bpb' in r for r in seen) == 5 + 1   # steps 10..50, then the final one at 60
     lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
     assert len(lines) <= 3 + 60 // 20 + 1, lines   # header (3 with a router), one per print_every, final
     assert sum(l.startswith('step ') for l in lines) == 3
