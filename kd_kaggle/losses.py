@@ -17,9 +17,10 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['LOG_FLOOR', 'BUCKET_DIVERGENCES', 'DIVERGENCES', 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', 'skew_reverse_kl',
            'tvd', 'sorted_l1', 'BucketMap', 'bucket_map', 'TeacherTargets', 'teacher_bucket_logp',
-           'teacher_targets_from_logits', 'student_target_logp', 'KDSpec', 'kd_rows', 'KDOutput', 'masked_mean',
-           'kd_loss', 'OnlineTeacher', 'DistillLossOutput', 'head_logits', 'fused_distill_loss', 'naive_distill_loss',
-           'feature_loss', 'layer_loss', 'info_nce', 'attention_alignment_loss', 'seed_naive_kd_loss']
+           'teacher_targets_from_logits', 'student_bucket_logp', 'student_target_logp', 'KDSpec', 'kd_rows', 'KDOutput',
+           'masked_mean', 'kd_loss', 'OnlineTeacher', 'DistillLossOutput', 'head_logits', 'fused_distill_loss',
+           'naive_distill_loss', 'feature_loss', 'layer_loss', 'info_nce', 'attention_alignment_loss',
+           'seed_naive_kd_loss']
 
 # %% ../nbs/05_losses.ipynb #9c9c1219
 LOG_FLOOR = -100.0  # log-ratio floor: keeps empty (-inf) buckets finite and their gradients at 0
@@ -137,7 +138,9 @@ def _ftype(dtype):
 
 def _log_softmax(logits, temperature=1.0):
     "Temperature log-softmax over the last dim, upcast to at least float32."
-    return torch.log_softmax(logits.to(_ftype(logits.dtype)) / temperature, dim=-1)
+    ft = _ftype(logits.dtype)
+    if temperature == 1: return torch.log_softmax(logits, dim=-1, dtype=ft)   # upcasts while it reads: no copy
+    return torch.log_softmax(logits.to(ft) / temperature, dim=-1)
 
 def _masked_logsumexp(x, keep):
     "logsumexp of `x [N, V]` over `keep`; rows keeping nothing give −inf with a zero (not NaN) gradient."
@@ -177,15 +180,22 @@ class TeacherTargets:
 @torch.no_grad()
 def teacher_bucket_logp(teacher_logits, bmap, temperature=1.0):
     "Teacher log-probs `[N, |M|+1]` summed into the mapped student ids (tail last); no gradient."
-    z = teacher_logits[:, :bmap.teacher_vocab_limit].to(_ftype(teacher_logits.dtype))
-    if temperature != 1: z = z / temperature
+    z, ft = teacher_logits[:, :bmap.teacher_vocab_limit], _ftype(teacher_logits.dtype)
+    if temperature != 1: z = z.to(ft) / temperature
+    # softmax reads fp16 logits and writes ft probabilities in one fused pass (no upcast copy, no logsumexp temporaries);
+    # probabilities underflow only below e^-87, where the divergences clamp log-ratios (LOG_FLOOR) anyway
+    p = torch.softmax(z, dim=-1, dtype=ft)
     if bmap.rows_of_bucket is not None:   # one-to-one map (byte-level pairs): a gather, ~2x faster than index_add_ on a GPU
-        lse = z.logsumexp(-1, keepdim=True)
-        tail = z.index_select(1, bmap.teacher_unmapped).logsumexp(-1, keepdim=True) if len(bmap.teacher_unmapped) \
-            else torch.full_like(lse, -math.inf)
-        return torch.cat([z.index_select(1, bmap.rows_of_bucket), tail], 1).sub_(lse)
-    z = z.sub(z.logsumexp(-1, keepdim=True)).exp_()  # probabilities: one [N, Vt] buffer
-    return z.new_zeros(z.shape[0], bmap.n_mapped + 1).index_add_(1, bmap.teacher_bucket, z).log()
+        tail = _unmapped_mass(p, bmap)   # a sum of positive terms: exact even when the tail is tiny
+        return torch.cat([p.index_select(1, bmap.rows_of_bucket), tail[:, None]], 1).log_()
+    return p.new_zeros(p.shape[0], bmap.n_mapped + 1).index_add_(1, bmap.teacher_bucket, p).log_()
+
+def _unmapped_mass(p, bmap):
+    "Per-row probability on the teacher's unmapped rows: one matrix-vector pass over `p` (TF32 would round it: avoided)."
+    if len(bmap.teacher_unmapped) == 0: return p.new_zeros(p.shape[0])
+    ind = p.new_zeros(p.shape[1]).index_fill_(0, bmap.teacher_unmapped, 1.0)
+    if p.is_cuda and p.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32: return (p * ind).sum(-1)
+    return p @ ind
 
 @torch.no_grad()
 def teacher_targets_from_logits(teacher_logits, vocab_map, student_vocab, top_k=None, temperature=1.0,
@@ -198,6 +208,11 @@ def teacher_targets_from_logits(teacher_logits, vocab_map, student_vocab, top_k=
     vals, idx = logp[:, :m].topk(top_k, dim=-1)
     keep = torch.ones_like(logp, dtype=torch.bool).scatter_(1, idx, False)
     return TeacherTargets(bmap.mapped_ids[idx], vals, _masked_logsumexp(logp, keep))
+
+def student_bucket_logp(student_logq, bmap):
+    "Student log-probs `[N, |M|+1]` over the dense buckets: the mapped ids, then the tail (every unmapped id)."
+    tail = student_logq.index_select(1, bmap.student_unmapped).logsumexp(-1, keepdim=True)   # |unmapped| ≪ V columns
+    return torch.cat([student_logq.index_select(1, bmap.mapped_ids), tail], 1)
 
 def student_target_logp(student_logq, ids):
     "Student log-probs `[N, k+1]`: at the teacher's target ids, plus a rest bucket over every other id."
@@ -244,10 +259,15 @@ def kd_rows(student_logits, teacher, bmap=None, cfg=KDSpec()):
         targets = teacher_targets_from_logits(logp_t, bmap, bmap.student_vocab)  # log-softmax is idempotent
         uld = sorted_l1(logp_t[:, bmap.teacher_unmapped].exp(), logq[:, bmap.student_unmapped].exp(), cfg.uld_top_m)
         return forward_kl(targets.bucket_logp(), student_target_logp(logq, targets.ids)) + cfg.uld_weight * uld
+    elif cfg.top_k is None:   # dense: the same buckets in every row, so both sides are column gathers (no per-row masks)
+        p_logp, q_logp = teacher_bucket_logp(teacher, bmap, T), student_bucket_logp(logq, bmap)
+        return BUCKET_DIVERGENCES[name](p_logp, q_logp, **_div_kwargs(cfg))
     else: targets = teacher_targets_from_logits(teacher, bmap, bmap.student_vocab, cfg.top_k, T)
     p_logp, q_logp = targets.bucket_logp(), student_target_logp(logq, targets.ids)
-    kw = dict(beta=cfg.beta) if name == 'jsd' else dict(alpha=cfg.alpha) if name in ('skl', 'srkl') else {}
-    return BUCKET_DIVERGENCES[name](p_logp, q_logp, **kw)
+    return BUCKET_DIVERGENCES[name](p_logp, q_logp, **_div_kwargs(cfg))
+
+def _div_kwargs(cfg):
+    return dict(beta=cfg.beta) if cfg.divergence == 'jsd' else dict(alpha=cfg.alpha) if cfg.divergence in ('skl', 'srkl') else {}
 
 # %% ../nbs/05_losses.ipynb #caf43048
 @dataclass
@@ -300,9 +320,10 @@ class DistillLossOutput:
     n_ce: torch.Tensor
     n_kd: torch.Tensor
 
-def head_logits(hidden, weight, bias=None, logit_scale=None, logit_softcap=None):
-    "lm_head projection, then the config's logit scale and Gemma-style softcap `cap·tanh(z/cap)`, in ≥ float32."
+def head_logits(hidden, weight, bias=None, logit_scale=None, logit_softcap=None, upcast=True):
+    "lm_head projection, then the config's logit scale and Gemma-style softcap `cap·tanh(z/cap)`, in ≥ float32 (if `upcast`)."
     z = F.linear(hidden, weight, bias)
+    if not upcast and logit_scale is None and logit_softcap is None: return z   # the consumer upcasts while it reads
     z = z.to(_ftype(z.dtype))
     if logit_scale is not None: z = z * logit_scale
     if logit_softcap is not None: z = torch.tanh(z / logit_softcap) * logit_softcap
@@ -322,8 +343,9 @@ class _Batch:
     logit_scale: float | None
     logit_softcap: float | None
 
-def _prepare(hidden, weight, bias, labels, kd_mask, teacher, vocab_map, teacher_vocab_limit, cfg, logit_scale, logit_softcap):
-    "Check shapes, vocab sizes and ids; map each position to its teacher row."
+def _prepare(hidden, weight, bias, labels, kd_mask, teacher, vocab_map, teacher_vocab_limit, cfg, logit_scale, logit_softcap,
+             check_inputs=True):
+    "Check shapes, vocab sizes and ids (values only if `check_inputs`: it syncs with the GPU); map each position to its teacher row."
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f'student_hidden [N, d] and head weight [Vs, d] disagree: {tuple(hidden.shape)} vs {tuple(weight.shape)}')
     n, vs = hidden.shape[0], weight.shape[0]
@@ -331,23 +353,22 @@ def _prepare(hidden, weight, bias, labels, kd_mask, teacher, vocab_map, teacher_
     labels = torch.full((n,), -100, dtype=torch.long, device=hidden.device) if labels is None else labels.reshape(-1)
     if labels.shape != (n,): raise ValueError(f'labels must have {n} entries (one per position), got {labels.numel()}')
     if labels.dtype != torch.long: raise TypeError(f'labels must be long, got {labels.dtype}')
-    if n and (labels.max() >= vs or ((labels < 0) & (labels != -100)).any()):
+    if check_inputs and n and (labels.max() >= vs or ((labels < 0) & (labels != -100)).any()):
         raise ValueError(f'labels must be -100 or in [0, {vs}), got [{int(labels.min())}, {int(labels.max())}]')
     if teacher is None:
-        if kd_mask is not None and kd_mask.any(): raise ValueError('kd_mask selects positions but no teacher was given')
+        if check_inputs and kd_mask is not None and kd_mask.any(): raise ValueError('kd_mask selects positions but no teacher was given')
         kd_mask = torch.zeros(n, dtype=torch.bool, device=hidden.device)
     kd_mask = torch.ones(n, dtype=torch.bool, device=hidden.device) if kd_mask is None else kd_mask.reshape(-1)
     if kd_mask.shape != (n,) or kd_mask.dtype != torch.bool: raise ValueError(f'kd_mask must be bool [{n}], got {kd_mask.dtype} {tuple(kd_mask.shape)}')
     bmap, teacher_row = None, None
     if teacher is not None:
         rows = len(teacher) if isinstance(teacher, TeacherTargets) else teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).shape[0]
-        n_kd = int(kd_mask.sum())
         if rows == n: teacher_row = torch.arange(n, device=hidden.device)
-        elif rows == n_kd: teacher_row = kd_mask.long().cumsum(0) - 1
+        elif rows == (n_kd := int(kd_mask.sum())): teacher_row = kd_mask.long().cumsum(0) - 1
         else: raise ValueError(f'teacher has {rows} rows: expected one per position ({n}) or per kd position ({n_kd})')
         if isinstance(teacher, TeacherTargets):
             if cfg.divergence in ('uld', 'hybrid'): raise ValueError(f'{cfg.divergence!r} needs an OnlineTeacher, not TeacherTargets')
-            if len(teacher) and (teacher.ids.min() < 0 or teacher.ids.max() >= vs):
+            if check_inputs and len(teacher) and (teacher.ids.min() < 0 or teacher.ids.max() >= vs):
                 raise ValueError(f'TeacherTargets.ids must lie in [0, {vs}) (student vocab)')
             teacher = teacher.to(hidden.device)
         else:
@@ -367,7 +388,8 @@ def _teacher_rows(batch, rows):
     "The teacher for student positions `rows` (all kd positions): `TeacherTargets` or teacher logits."
     t, idx = batch.teacher, batch.teacher_row[rows]
     if isinstance(t, TeacherTargets): return t.select(idx)
-    with torch.no_grad(): logits = head_logits(t.hidden[idx], t.head_weight, t.head_bias, t.logit_scale, t.logit_softcap)
+    with torch.no_grad():   # teacher logits stay in the matmul dtype: every consumer's softmax upcasts while it reads
+        logits = head_logits(t.hidden[idx], t.head_weight, t.head_bias, t.logit_scale, t.logit_softcap, upcast=False)
     return logits[:, :batch.teacher_vocab_limit] if batch.bmap is None else logits  # ULD: padding rows out
 
 def _loss_sums(logits, labels, kd_local, teacher, batch):
@@ -457,13 +479,13 @@ class _FusedDistill(torch.autograd.Function):
 def fused_distill_loss(student_hidden, student_head_weight, labels=None, kd_mask=None, teacher=None, vocab_map=None,
                        divergence='fkl', temperature=1.0, scale_t2=False, ce_weight=1.0, kd_weight=1.0, chunk_size=1024,
                        student_head_bias=None, logit_softcap=None, logit_scale=None, teacher_vocab_limit=None,
-                       reduction='mean', check_finite=True, mean_over=None, **kd_options) -> DistillLossOutput:
+                       reduction='mean', check_finite=True, mean_over=None, check_inputs=True, **kd_options) -> DistillLossOutput:
     "CE + cross-vocab KD through the student lm_head, `chunk_size` positions at a time: memory O(chunk × V)."
     cfg = KDSpec(divergence, temperature, scale_t2, **kd_options)
     if reduction not in ('mean', 'sum'): raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk_size is not None and chunk_size < 1: raise ValueError(f'chunk_size must be ≥ 1, got {chunk_size}')
     hidden, w, b = student_hidden.reshape(-1, student_hidden.shape[-1]), student_head_weight, student_head_bias
-    batch = _prepare(hidden, w, b, labels, kd_mask, teacher, vocab_map, teacher_vocab_limit, cfg, logit_scale, logit_softcap)
+    batch = _prepare(hidden, w, b, labels, kd_mask, teacher, vocab_map, teacher_vocab_limit, cfg, logit_scale, logit_softcap, check_inputs)
     n_ce, n_kd = (batch.labels != -100).sum(), batch.kd_mask.sum()
     acc = _ftype(w.dtype)
     counts = (n_ce, n_kd) if mean_over is None else [torch.as_tensor(n, device=hidden.device) for n in mean_over]

@@ -21,7 +21,7 @@ from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_check
 # %% auto #0
 __all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'kd_position_mask', 'Distiller',
            'check_output_dir', 'check_resume_config', 'oom_advice', 'lock_run_dir', 'first_ctrl_c_stops', 'Run',
-           'setup_run', 'calibrate_router', 'step_counts', 'forward_backward', 'train', 'Progress',
+           'setup_run', 'calibrate_router', 'step_counts', 'forward_backward', 'train_step', 'train', 'Progress',
            'evaluate_student_dir', 'demo_config']
 
 # %% ../nbs/10_train.ipynb #cc0c244d
@@ -60,13 +60,15 @@ class Distiller(nn.Module):
         if need_teacher:
             with torch.no_grad(), capture(self.teacher, 'teacher') as t_cap:
                 t_last, t_all = final_hidden_states(self.teacher, batch['teacher_input_ids'], batch['teacher_attention_mask'], all_layers=router_on)
-            b_idx, s_idx = kd_mask.nonzero(as_tuple=True)
+        rows = ((labels != -100) | kd_mask).flatten().nonzero().squeeze(1)   # the step's one data-dependent shape
+        if need_teacher and kd_on:   # one teacher row per selected position (its aligned position; unused where KD is off)
             th = head_spec(self.teacher)
-            teacher_rows = OnlineTeacher(t_last[b_idx, batch['s2t'][b_idx, s_idx]], th.weight, th.bias, th.scale, th.softcap)
-        rows = (labels != -100) | kd_mask
+            t_at = (torch.arange(labels.shape[0], device=labels.device)[:, None] * t_last.shape[1] + batch['s2t'].clamp_min(0)).flatten()
+            teacher_rows = OnlineTeacher(t_last.flatten(0, 1).index_select(0, t_at.index_select(0, rows)), th.weight, th.bias, th.scale, th.softcap)
         sh = head_spec(self.student)
-        out = fused_distill_loss(s_last[rows], sh.weight, labels[rows], kd_mask[rows], teacher=teacher_rows,
-                                 vocab_map=self.vocab_map if teacher_rows is not None else None,
+        out = fused_distill_loss(s_last.flatten(0, 1).index_select(0, rows), sh.weight, labels.flatten().index_select(0, rows),
+                                 kd_mask.flatten().index_select(0, rows), teacher=teacher_rows, check_inputs=False,
+                                 vocab_map=self._bucket_map(sh.weight.shape[0]) if teacher_rows is not None else None,
                                  divergence=cfg.divergence, temperature=cfg.temperature, scale_t2=cfg.t2_scaling,
                                  ce_weight=w['ce'], kd_weight=w['kd'] if teacher_rows is not None else 0.0,
                                  chunk_size=cfg.loss_chunk, student_head_bias=sh.bias, logit_softcap=sh.softcap,
@@ -80,6 +82,13 @@ class Distiller(nn.Module):
             for name, value in terms.items():
                 loss = loss + w[name] * share * value; parts[name] = (share * value).detach()
         return loss, parts
+
+    def _bucket_map(self, student_vocab: int):
+        "The vocab map's bucket layout, computed once (per call it cost a unique, a bincount and host syncs)."
+        from kd_kaggle.losses import bucket_map
+        if getattr(self, '_bmap', None) is None or self._bmap.teacher_bucket.device != self.vocab_map.device:
+            self._bmap = bucket_map(self.vocab_map, student_vocab, self.teacher_vocab_limit)
+        return self._bmap
 
     def _kd_options(self) -> dict:
         c = self.cfg
@@ -271,7 +280,7 @@ def step_counts(batches: list, weights: dict, kd_positions: str = 'one_to_one', 
     return n.float()
 
 def forward_backward(distiller, acc, batches: list, weights: dict, kd_positions: str = 'one_to_one') -> tuple:
-    "Forward + backward of every micro-batch of one step; (step loss, step parts, tokens seen on all processes)."
+    "Forward + backward of every micro-batch of one step; (step loss, step parts, tokens on all processes: a device tensor)."
     counts = step_counts(batches, weights, kd_positions, acc)
     loss, parts = 0.0, {}
     for i, batch in enumerate(batches):
@@ -281,7 +290,38 @@ def forward_backward(distiller, acc, batches: list, weights: dict, kd_positions:
         loss = loss + micro_loss.detach()
         for k, v in micro_parts.items(): parts[k] = parts.get(k, 0) + v
     tokens = sum(b['student_attention_mask'].sum() for b in batches)
-    return loss, parts, int(acc.reduce(tokens, 'sum') if acc.num_processes > 1 else tokens)
+    return loss, parts, acc.reduce(tokens, 'sum') if acc.num_processes > 1 else tokens   # no .item(): no host sync
+
+# %% ../nbs/10_train.ipynb #f45ae3ab
+def train_step(r, state, batches: list, weights: dict) -> Optional[tuple]:
+    "One optimizer step on `batches` (the micro-batches): (loss, parts, grad_norm), or None when the step was skipped."
+    acc, scaler = r.acc, getattr(r.acc, 'scaler', None)
+    try: loss, parts, tokens = forward_backward(r.distiller, acc, batches, weights, r.cfg.kd_positions)
+    except OOM_ERRORS: raise RuntimeError(oom_advice(r.cfg)) from None
+    r.pending_tokens = getattr(r, 'pending_tokens', 0) + tokens      # a device counter, read when a record is written
+    if scaler is None and not _all_finite(acc, loss): return _bad_step(r, state)   # fp32/bf16: the one sync of the step
+    grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), r.cfg.max_grad_norm) if r.cfg.max_grad_norm else None
+    r.optimizer.step()
+    if acc.optimizer_step_was_skipped:                # fp16: GradScaler's own inf/nan check, no extra sync on good steps
+        if not _all_finite(acc, loss): return _bad_step(r, state)    # a non-finite loss, not an fp16 overflow
+        state.scaler_skipped += 1                     # overflow: the update was skipped, and the lr schedule waits with it
+    else: r.scheduler.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    state.step += 1; state.bad_in_row = 0
+    return loss, parts, grad_norm
+
+def _bad_step(r, state) -> None:
+    "A non-finite loss: drop the gradients, count it, abort after `max_bad_steps` in a row."
+    r.optimizer.zero_grad(set_to_none=True)
+    state.skipped_steps += 1; state.bad_in_row += 1
+    if state.bad_in_row >= r.cfg.max_bad_steps:
+        raise FloatingPointError(f"{state.bad_in_row} non-finite losses in a row at step {state.step}: aborting. "
+                                 "Lower lr, use precision='fp32' to check, or inspect the data near this step")
+
+def _flush_tokens(r, state) -> None:
+    "Add the tokens counted on the device since the last flush to `state.tokens` (one host sync)."
+    if torch.is_tensor(getattr(r, 'pending_tokens', None)): state.tokens += int(r.pending_tokens)
+    r.pending_tokens = 0
 
 # %% ../nbs/10_train.ipynb #8758e47d
 def train(cfg: KDConfig, accelerator=None, callback=None) -> dict:
@@ -327,23 +367,10 @@ def _distil(r, budget, callback) -> dict:
                 micro_batches.append(batch); state.batch_in_epoch += 1
                 if len(micro_batches) < cfg.grad_accum: continue
                 weights = r.curriculum.weights(state.step / r.total_steps)
-                try: loss, parts, tokens = forward_backward(r.distiller, acc, micro_batches, weights, cfg.kd_positions)
-                except OOM_ERRORS: raise RuntimeError(oom_advice(cfg)) from None
+                out = train_step(r, state, micro_batches, weights)
                 micro_batches = []
-                state.tokens += tokens
-                if not _all_finite(acc, loss):                # one check per step, after every micro-batch's backward
-                    r.optimizer.zero_grad(set_to_none=True)
-                    state.skipped_steps += 1; state.bad_in_row += 1
-                    if state.bad_in_row >= cfg.max_bad_steps:
-                        raise FloatingPointError(f"{state.bad_in_row} non-finite losses in a row at step {state.step}: aborting. "
-                                                 "Lower lr, use precision='fp32' to check, or inspect the data near this step")
-                    continue
-                grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-                r.optimizer.step()
-                if acc.optimizer_step_was_skipped: state.scaler_skipped += 1   # fp16 overflow: GradScaler skipped the update
-                else: r.scheduler.step()                                       # ...and the lr schedule waits with it
-                r.optimizer.zero_grad(set_to_none=True)
-                state.step += 1; state.bad_in_row = 0
+                if out is None: continue                      # a non-finite loss: skipped, counted
+                loss, parts, grad_norm = out
                 now = time.monotonic(); budget.record('step', now - t_step); t_step = now
                 if not warned and (msg := _eta_warning(r, state, budget, state.step - first_step)): log.say(msg); warned = True
                 rec = None
@@ -436,6 +463,7 @@ def _mean_over_processes(acc, loss, parts) -> tuple:
 def _train_record(r, state, parts, weights, loss, grad_norm, budget) -> dict:
     "One metrics.jsonl record: raw terms, weights, weighted total and run health."
     loss, parts = _mean_over_processes(r.acc, loss, parts)
+    _flush_tokens(r, state)
     rec = {'step': state.step, 'progress': state.step / r.total_steps, 'epoch': state.epoch, 'tokens': state.tokens,
            'loss': float(loss.detach()), **{k: float(v) for k, v in parts.items()}, **{f'w_{k}': v for k, v in weights.items()},
            'lr': r.scheduler.get_last_lr()[0], 'grad_norm': float(grad_norm) if grad_norm is not None else None,
@@ -506,6 +534,7 @@ def _save_student(r, path: Path) -> None:
 
 def _save(r, state, log, budget, baseline) -> None:
     t = time.monotonic()
+    _flush_tokens(r, state)
     d = _unwrapped(r)
     models = {'student': d.student, **({'router': d.router} if d.router is not None else {})}
     extra = {'config': config_to_dict(r.cfg), 'baseline': baseline, 'curriculum': r.curriculum.state_dict(),
