@@ -12,6 +12,7 @@ random-weight copies of the real configs with the real tokenizers; data = Austen
 Variants (same model files, same data, same batch sizes):
   default  `kd_kaggle.train.setup_run(KDConfig(...))` + `kd_kaggle.train.train_step`: exactly the trainer's step
   cached   the same with `teacher_cache` (built first by `kd_kaggle.cache.cache_teacher`, top-64): no teacher on the GPU
+  *_eager  the same with KDConfig(compile='off') (default and cached compile their decoder layers on a CUDA GPU)
   naive    the seed's step: full student and teacher logits, id-truncated KL at T=4 x T^2 (`losses.seed_naive_kd_loss`)
            + CE, on the same models, optimizer, scaler and autocast as `default` (the loss is the only difference)
 Rows: {variant, pair, batch, seq, tok_s, peak_gib, kernel_ms, gemm_ms, oom, ...}: tok_s = real (non-pad) student tokens per
@@ -143,8 +144,8 @@ def main():
     ap.add_argument('--out', default='runs/step'); ap.add_argument('--date', default=time.strftime('%Y-%m-%d'))
     ap.add_argument('--models', default='/tmp/kd_step_models'); ap.add_argument('--pairs', default='0.5b')
     ap.add_argument('--variants', default='naive,default,cached'); ap.add_argument('--batches', default='1,2,4,8,16')
-    ap.add_argument('--seq', type=int, default=1024); ap.add_argument('--warmup', type=int, default=2)
-    ap.add_argument('--steps', type=int, default=4); ap.add_argument('--profile-steps', type=int, default=2)
+    ap.add_argument('--seq', type=int, default=1024); ap.add_argument('--warmup', type=int, default=3)
+    ap.add_argument('--steps', type=int, default=4); ap.add_argument('--profile-steps', type=int, default=2)   # warmup: compiles
     ap.add_argument('--cap-gib', type=float, default=15.0); ap.add_argument('--smoke', action='store_true')
     ap.add_argument('--stem', default=None, help='file name stem (default step-<date>)')
     args = ap.parse_args()
@@ -170,8 +171,8 @@ def main():
         base.update(seq_len=args.seq, batch_size=max(batch_sizes), max_steps=10_000, resume=None, max_eval_examples=8,
                     max_train_examples=max(batch_sizes) * (args.warmup + args.steps) + 64, cache_dir=str(work/f'data-{pair}'))
         for variant in args.variants.split(','):
-            cfg_kw = {**base, 'output_dir': str(work/f'{pair}-{variant}')}
-            if variant == 'cached':
+            cfg_kw = {**base, 'output_dir': str(work/f'{pair}-{variant}'), 'compile': 'off' if variant.endswith('_eager') else 'auto'}
+            if variant.startswith('cached'):
                 from kd_kaggle.cache import cache_teacher
                 cfg_kw['top_k'] = 64
                 cache_teacher(KDConfig(**cfg_kw), str(work/f'cache-{pair}'), batch_size=8)

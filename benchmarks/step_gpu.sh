@@ -11,7 +11,7 @@ python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from step import build
 NG=$(nvidia-smi -L | wc -l)
 G2=$([ "$NG" -ge 2 ] && echo 1 || echo 0)
 CUDA_VISIBLE_DEVICES=0 timeout "${STEP_S:-420}" python3 benchmarks/step.py --out "$OUT" --date "$DATE" --stem "$STEM" --models $M \
-  --pairs "${PAIRS:-0.5b}" --batches "${BATCHES:-1,2,4,8,16}" --variants "${VARIANTS:-naive,default,cached}" > "$OUT/step.log" 2>&1 &
+  --pairs "${PAIRS:-0.5b}" --batches "${BATCHES:-1,2,4,8,16}" --variants "${VARIANTS:-naive,default,default_eager,cached}" > "$OUT/step.log" 2>&1 &
 if [ -z "${SKIP_GOLD:-}" ]; then
   [ "$G2" = 0 ] && wait
   CUDA_VISIBLE_DEVICES=$G2 timeout "${GOLD_S:-400}" python3 benchmarks/gold_peer.py --models $M/0.5b --batches "${GOLD_BATCHES:-1,2,4,8}" \

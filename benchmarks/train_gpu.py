@@ -37,6 +37,7 @@ def main():
     ap.add_argument('--grad-accum', type=int, default=1); ap.add_argument('--save-every', type=int, default=None)
     ap.add_argument('--log-every', type=int, default=5); ap.add_argument('--eval-every', type=int, default=None)
     ap.add_argument('--resume', default='auto', help="'auto' (this --out) or a checkpoint dir, e.g. one a 2-GPU run wrote")
+    ap.add_argument('--compile', default='auto', choices=('auto', 'on', 'off'))
     ap.add_argument('--cache-dir', default=None, help='prepared-data cache shared by several runs (default: under --out)')
     args = ap.parse_args()
     from accelerate import PartialState
@@ -58,7 +59,8 @@ def main():
                    seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
                    precision='fp16', lr=3e-4, max_eval_examples=32, eval_every=args.eval_every or max(10, args.steps // 2),
                    save_every=args.save_every or max(10, args.steps // 2), log_every=args.log_every, print_every=10,
-                   time_budget='20m', output_dir=args.out, max_train_examples=2000, resume=args.resume, cache_dir=args.cache_dir)
+                   time_budget='20m', output_dir=args.out, max_train_examples=2000, resume=args.resume, cache_dir=args.cache_dir,
+                   compile=args.compile)
     t0 = time.time()
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):   # a T4 has no flash / cuDNN attention
         m = train(cfg)

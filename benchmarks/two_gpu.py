@@ -8,7 +8,8 @@ SDPA memory-efficient/math only) at per-GPU micro-batch 4 x 1024 tokens:
   two      accelerate launch --multi_gpu --num_processes 2, batch 4            (global batch 8 per step)
   one      1 GPU, batch 4 x grad_accum 2                                      (the same 8 sequences per step, same order)
   resumed  1 GPU, batch 4 x grad_accum 2, resumed from `two`'s mid-run checkpoint
-  notebook kaggle/kd_kaggle_distill.ipynb executed by nbclient (benchmarks/kaggle_notebook_gpu.py), both GPUs visible
+  (these three eager, KDConfig(compile='off'): compile time would sit inside a 40-step speed measurement)
+  notebook kaggle/kd_kaggle_distill.ipynb executed by nbclient, shipped defaults (compile='auto') (benchmarks/kaggle_notebook_gpu.py), both GPUs visible
 speedup = tokens/s of `two` / tokens/s of `one` (medians over logging windows after the first 10 steps);
 loss_max_rel_diff = max over steps of |loss_two - loss_one| / loss_one; resumed_on_1gpu = `resumed` ran from the 2-GPU
 checkpoint and its steps after it track `two` within 2 %.
@@ -36,7 +37,7 @@ def launch(n_proc: int, gpus: str, out: Path, args, extra=(), log=None):
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', *(['--multi_gpu'] if n_proc > 1 else []), '--num_processes', str(n_proc),
            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(PORTS[out.name]),
            str(REPO/'benchmarks'/'train_gpu.py'), '--out', str(out), '--models', args.models, '--steps', str(args.steps),
-           '--batch-size', '4', '--log-every', '1', '--eval-every', '1000', '--cache-dir', str(Path(args.work)/'data_cache'), *extra]
+           '--batch-size', '4', '--log-every', '1', '--compile', 'off', '--eval-every', '1000', '--cache-dir', str(Path(args.work)/'data_cache'), *extra]
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': gpus}
     return subprocess.Popen(cmd, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT, cwd=REPO)
 

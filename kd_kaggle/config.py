@@ -106,6 +106,7 @@ class KDConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     precision: str = _f('auto', "auto (bf16 on sm>=80, fp16 on sm60/75, fp32 on CPU) | fp32 | fp16 | bf16")
     gradient_checkpointing: bool = _f(False, "recompute student activations in backward to save memory")
+    compile: str = _f('auto', "torch.compile the models' decoder layers: auto (CUDA GPUs Triton supports, sm>=7.0: a T4 yes, a P100 no) | on | off")
     # distillation
     divergence: str = _f('fkl', "fkl | rkl | jsd | skl | srkl | tvd | uld | hybrid")
     temperature: float = _f(1.0, "softmax temperature for KD (raw divergence is always logged)")
@@ -177,6 +178,7 @@ def validate_config(c: KDConfig) -> None:
     _check_num(c, 'warmup_ratio', 0.0, 0.5, 0.03)
     _check_num(c, 'max_grad_norm', 0.0, 1e6, 1.0)
     _check_choice(c, 'precision', ('auto', 'fp32', 'fp16', 'bf16'))
+    _check_choice(c, 'compile', ('auto', 'on', 'off'))
     _check_choice(c, 'divergence', DIVERGENCES)
     _check_num(c, 'temperature', 0.0, 100.0, 1.0, lo_open=True)
     _check_num(c, 'jsd_beta', 0.0, 1.0, 0.5)

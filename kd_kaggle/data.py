@@ -13,7 +13,7 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['EXAMPLE_KEYS', 'DATA_FORMAT_VERSION', 'read_text', 'read_paragraphs', 'instruction_record', 'row_record',
-           'read_jsonl', 'load_records', 'split_long', 'pack_paragraphs', 'normalize_record', 'encode_examples',
+           'read_jsonl', 'load_records', 'cut_at_tokens', 'pack_to_budget', 'normalize_record', 'encode_examples',
            'collate', 'data_cache_key', 'cache_problem', 'drop_message', 'build_datasets', 'epoch_order', 'make_loader']
 
 # %% ../nbs/04_data.ipynb #99237230
@@ -111,28 +111,33 @@ def load_records(source: str, split: str = 'train', field: str = 'data') -> tupl
     return recs, _kind(recs)
 
 # %% ../nbs/04_data.ipynb #810d6390
-def split_long(text: str, n_tokens: int, budget: int) -> list:
-    "Cut `text` (of `n_tokens` tokens) at whitespace into pieces of roughly <= `budget` tokens."
-    if n_tokens <= budget: return [text]
-    n_pieces = math.ceil(n_tokens / budget * 1.1)
-    size = math.ceil(len(text) / n_pieces)
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + size)
-        if end < len(text):
-            cut = text.rfind(' ', start + size // 2, end)
-            end = cut if cut > start else end
-        pieces.append(text[start:end].strip()); start = end
-    return [p for p in pieces if p]
+def cut_at_tokens(text: str, n_tokens: int, tok) -> tuple:
+    "(head, tail) of `text` with `head` about `n_tokens` tokens long, cut at the last whitespace before that (if any)."
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc['offset_mapping']
+    if n_tokens >= len(offsets): return text, ''
+    end = offsets[max(n_tokens, 1)][0]                      # the start of the first token that does not fit
+    cut = max(text.rfind(' ', 0, end + 1), text.rfind('\n', 0, end + 1))
+    if cut <= end // 2: cut = end                           # no whitespace in the second half: cut between tokens
+    return text[:cut].rstrip(), text[cut:].lstrip()
 
-def pack_paragraphs(paragraphs: list, lengths: list, budget: int, sep: str = '\n\n') -> list:
-    "Greedily join paragraphs (with token `lengths`) into texts of about <= `budget` tokens."
-    packed, cur, cur_len = [], [], 0
-    for p, n in zip(paragraphs, lengths):
-        if cur and cur_len + n + 1 > budget: packed.append(sep.join(cur)); cur, cur_len = [], 0
-        cur.append(p); cur_len += n + 1
-    if cur: packed.append(sep.join(cur))
-    return packed
+def pack_to_budget(paragraphs: list, lengths: list, tok, budget: int, sep: str = '\n\n', min_fill: int = 16) -> list:
+    "Join `paragraphs` (token `lengths`) into texts of about `budget` tokens, cutting the one that overflows to fill the text."
+    texts, cur, used = [], [], 0
+    n = lambda t: len(tok(t, add_special_tokens=False)['input_ids'])
+    sep_cost = max(1, n('end.' + sep + 'The') - n('end.') - n('The'))   # a separator can also split its neighbours' tokens
+    queue = list(zip(paragraphs, lengths))[::-1]            # a stack: a cut paragraph's tail goes back on top
+    while queue:
+        p, k = queue.pop()
+        room = budget - used - (sep_cost if cur else 0)
+        if k <= room: cur.append(p); used += k + (sep_cost if len(cur) > 1 else 0); continue
+        if cur and room < min_fill: texts.append(sep.join(cur)); cur, used = [], 0; queue.append((p, k)); continue
+        head, tail = cut_at_tokens(p, room, tok)
+        if head: cur.append(head)
+        texts.append(sep.join(cur)); cur, used = [], 0
+        if tail: queue.append((tail, n(tail)))
+    if cur: texts.append(sep.join(cur))
+    return texts
 
 # %% ../nbs/04_data.ipynb #30a7620b
 def normalize_record(rec: dict) -> dict:
@@ -217,7 +222,7 @@ def collate(examples: list, student_pad_id: int = 0, teacher_pad_id: int = 0) ->
     return batch
 
 # %% ../nbs/04_data.ipynb #42ea1fff
-DATA_FORMAT_VERSION = 3   # 3: both sides label exactly the same bytes (align.align_tokens `scored_from`)
+DATA_FORMAT_VERSION = 4   # 3: both sides label exactly the same bytes (align.align_tokens `scored_from`); 4: packed to the budget
 
 def _source_id(source: str) -> dict:
     "What identifies a data source's content cheaply (files: size + mtime)."
@@ -241,10 +246,7 @@ def _records_to_texts(records, kind, student_tok, seq_len):
     paras = [r['text'] for r in records]
     lengths = [len(x) for x in student_tok(paras, add_special_tokens=False)['input_ids']] if paras else []
     budget = max(8, seq_len - 8)
-    pieces, piece_lens = [], []
-    for p, n in zip(paras, lengths):
-        for q in split_long(p, n, budget): pieces.append(q); piece_lens.append(min(n, budget))
-    return [{'text': t, 'response_start': None} for t in pack_paragraphs(pieces, piece_lens, budget)]
+    return [{'text': t, 'response_start': None} for t in pack_to_budget(paras, lengths, student_tok, budget, min_fill=max(4, budget // 16))]
 
 def _split(records, fraction, seed):
     "Deterministic (train, eval) split of `records`."

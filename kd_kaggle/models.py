@@ -16,7 +16,7 @@ from .env import quiet_hf, hf_offline
 
 # %% auto #0
 __all__ = ['resolve_model', 'keep_rotary_in_autocast_dtype', 'check_vocab_fits', 'load_teacher', 'load_student', 'HeadSpec',
-           'head_spec', 'final_hidden_states', 'num_layers', 'max_positions']
+           'head_spec', 'final_hidden_states', 'num_layers', 'max_positions', 'compile_choice', 'compile_layers']
 
 # %% ../nbs/08_models.ipynb #8a1bb2e4
 def _dtype_kw(dtype) -> dict:
@@ -134,3 +134,24 @@ def final_hidden_states(model, input_ids, attention_mask=None, all_layers: bool 
 
 def num_layers(model) -> int: return model.config.num_hidden_layers
 def max_positions(model) -> Optional[int]: return getattr(model.config, 'max_position_embeddings', None)
+
+# %% ../nbs/08_models.ipynb #122ca435
+def compile_choice(setting: str, device_type: str, capability: Optional[tuple] = None) -> bool:
+    "Whether to `torch.compile`: `'on'`/`'off'` as given; `'auto'` = a CUDA GPU Triton supports (sm ≥ 7.0) with Triton installed."
+    if setting not in ('auto', 'on', 'off'): raise ValueError(f"KDConfig.compile={setting!r}: use 'auto', 'on' or 'off'")
+    if setting != 'auto': return setting == 'on'
+    if device_type != 'cuda' or capability is None or tuple(capability) < (7, 0): return False
+    import importlib.util
+    return importlib.util.find_spec('triton') is not None
+
+def compile_layers(model, backend: str = 'inductor') -> int:
+    "Compile each decoder layer of `model` in place (one shared graph; errors fall back to eager); returns how many."
+    layers = getattr(model.base_model, 'layers', None)
+    if layers is None: return 0
+    import torch._dynamo
+    dyn = torch._dynamo.config
+    dyn.suppress_errors = True   # a compiler failure runs that code eagerly instead of ending the run
+    # every layer instance is its own cache entry (guards on the module): past the default limit of 8 the rest ran eagerly
+    dyn.recompile_limit = dyn.recompile_limit + len(layers)
+    for layer in layers: layer.compile(backend=backend, dynamic=True)   # one compile per layer, whatever the batch shape
+    return len(layers)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
-from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions
+from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions, compile_choice, compile_layers
 from .progress import is_main_process
 from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
                                   latest_valid_checkpoint, checkpoint_candidates, default_print_every)
@@ -219,6 +219,8 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
                        cache.manifest['teacher_max_positions'] if cache else max_positions(teacher))
     if cfg.gradient_checkpointing:   # non-reentrant: the router's attention hooks need it
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    compiled = compile_choice(cfg.compile, info.kind, info.capability) and not cfg.gradient_checkpointing and not _router_on(cfg.curriculum)
+    if compiled: compile_layers(student); teacher is not None and compile_layers(teacher)   # compiles lazily, in the first steps
     vocab_map = build_vocab_map(t_tok, s_tok, teacher_rows=teacher_rows)
     if acc.is_main_process: save_vocab_map(vocab_map, run_dir/'vocab_map.safetensors', vocab_map_fingerprint(t_tok, s_tok))
     with acc.main_process_first(): train_ds, eval_ds = build_datasets(cfg, t_tok, s_tok, say=print if acc.is_main_process else None)
@@ -239,7 +241,8 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     distiller, optimizer = acc.prepare(distiller, optimizer)
     return Run(cfg=cfg, acc=acc, policy=policy, info=info, run_dir=run_dir, teacher=teacher, student=student, router=router,
                distiller=distiller, optimizer=optimizer, scheduler=scheduler, t_tok=t_tok, s_tok=s_tok, vocab_map=vocab_map,
-               train_ds=train_ds, eval_ds=eval_ds, curriculum=curriculum, total_steps=total, calibration=calibration, cache=cache)
+               train_ds=train_ds, eval_ds=eval_ds, curriculum=curriculum, total_steps=total, calibration=calibration, cache=cache,
+               compiled=compiled)
 
 def _open_cache(cfg, t_tok, s_tok):
     "The offline teacher cache of `cfg` (verified against this run), or None when the teacher runs online."
@@ -611,7 +614,8 @@ def _header(r, log, state, budget) -> None:
     c = r.cfg
     teacher = f"{n(r.teacher):.1f}M, {str(r.policy.teacher_dtype).replace('torch.', '')}" if r.teacher is not None else f"cached in {c.teacher_cache}"
     log.say(f"kd_kaggle: teacher {c.teacher} ({teacher}) -> "
-            f"student {c.student} ({n(r.student):.1f}M) on {r.info.name} x{r.acc.num_processes}, precision {r.policy.mixed}")
+            f"student {c.student} ({n(r.student):.1f}M) on {r.info.name} x{r.acc.num_processes}, precision {r.policy.mixed}"
+            f"{', torch.compile (the first steps compile)' if getattr(r, 'compiled', False) else ''}")
     if r.router is not None:
         r2 = ', '.join(f"{k} {v:.2f}" for k, v in r.calibration.items()) or 'not calibrated'
         log.say(f"kd_kaggle: router {r.router.num_parameters() / 1e6:.2f}M parameters (lr {c.router_lr}), least-squares init R^2: {r2}")
