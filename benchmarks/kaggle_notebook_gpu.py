@@ -4,8 +4,9 @@
 
 The notebook runs unchanged except for its one "edit me" cell: the attached-model paths point at --models (the random-weight
 Qwen2.5-0.5B / SmolLM2-135M that benchmarks/train_gpu.py builds, with the real tokenizers) and the training length is cut
-to --steps. nbclient starts a real ipykernel, so on a machine with two GPUs the training cell takes the notebook_launcher
-branch (one forked process per GPU) exactly as on Kaggle's T4x2. Writes the executed notebook and a JSON summary
+to --steps. nbclient starts a real ipykernel, so on a machine with two GPUs the training cell takes its multi-GPU
+branch (kd_kaggle.launch.notebook_train) exactly as on Kaggle's T4x2. A fork probe after every cell records whether
+the notebook process left CUDA usable for a fork. Writes the executed notebook and a JSON summary
 (`ran`, `processes`, `live_plot_images`, `report`, `errors`) to --out. No T4 emulation here: the launch is what is tested.
 """
 import argparse, json, re, sys, time
@@ -30,11 +31,27 @@ def edited(nb, models: Path, run_dir: Path, steps: int):
     cell.source = src
     return nb
 
+FORK_CHECK = """import os as _os, torch as _torch
+_r, _w = _os.pipe(); _pid = _os.fork()
+if _pid == 0: _os.write(_w, b'1' if _torch.cuda._is_in_bad_fork() else b'0'); _os._exit(0)
+_os.waitpid(_pid, 0); print('FORKCHECK {i}', _os.read(_r, 1) == b'1')"""
+
+def with_fork_checks(nb):
+    "After every code cell before the training cell: would a fork now find CUDA unusable?"
+    cells, i = [], 0
+    for j, c in enumerate(nb.cells):
+        if c.cell_type == 'code' and 'notebook_train' in c.source: cells.extend(nb.cells[j:]); break
+        cells.append(c)
+        if c.cell_type == 'code': cells.append(nbformat.v4.new_code_cell(FORK_CHECK.format(i=i))); i += 1
+    nb.cells = cells
+    return nb
+
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument('--models', default='/tmp/kd_models'); ap.add_argument('--out', default='runs/nb')
     ap.add_argument('--steps', type=int, default=30); args = ap.parse_args()
     out = Path(args.out).resolve(); out.mkdir(parents=True, exist_ok=True); run_dir = out/'kd_run'
     nb = edited(nbformat.read(REPO/'kaggle'/'kd_kaggle_distill.ipynb', as_version=4), Path(args.models).resolve(), run_dir, args.steps)
+    nb = with_fork_checks(nb)
     t0, errors = time.time(), []
     try: NotebookClient(nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': str(out)}}).execute()
     except Exception as e: errors.append(f'{type(e).__name__}: {str(e)[-3000:]}')
@@ -43,11 +60,13 @@ def main():
     outs = train_cell.get('outputs', [])
     images = sum('image/png' in o.get('data', {}) for o in outs if o.get('output_type') in ('display_data', 'update_display_data'))
     text = ''.join(o.get('text', '') for o in outs if o.get('output_type') == 'stream')
+    checks = [''.join(o.get('text', '')) for c in nb.cells if 'FORKCHECK' in c.source for o in c.get('outputs', []) if o.get('output_type') == 'stream']
     final = run_dir/'final_metrics.json'
     summary = {'ran': not errors and final.is_file(), 'wall_s': round(time.time() - t0, 1),
                'processes': (re.findall(r' x(\d+), precision', text) or [None])[0], 'live_plot_images': images,
                'final_metrics': json.loads(final.read_text()) if final.is_file() else None,
-               'report': (run_dir/'report.md').is_file(), 'errors': errors, 'train_cell_text_tail': text[-2500:]}
+               'report': (run_dir/'report.md').is_file(), 'errors': errors,
+               'fork_poisoned_after_cell': [c.strip() for c in checks], 'train_cell_text_tail': text[-2500:]}
     (out/'summary.json').write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != 'train_cell_text_tail'}, indent=1)); print(text[-2500:])
     sys.exit(0 if summary['ran'] else 1)

@@ -1,5 +1,5 @@
 """The two-GPU path for real (Kaggle's T4x2 analogue): speed, loss agreement, a 2-GPU checkpoint resumed on 1 GPU, and the
-Kaggle notebook's training cell through notebook_launcher. One device call on `nvidia-h200-x2`:
+Kaggle notebook's training cell on both GPUs. One device call on `nvidia-h200-x2`:
 
     python benchmarks/two_gpu.py --out $OUT --date 2026-11-30        # wheels for datasets/nbclient carried (see --site)
 

@@ -115,3 +115,6 @@ def main(argv=None) -> int:
         print(f"{where}: error: {_one_line(e)}", file=sys.stderr); return 2
     except (RuntimeError, FloatingPointError, OSError) as e:
         print(f"{where}: error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr); return 1
+
+if __name__ == '__main__' and 'IPython' not in sys.modules:   # `python -m kd_kaggle.cli` (what launch.py runs); not in a notebook
+    sys.exit(main())

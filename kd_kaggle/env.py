@@ -6,17 +6,17 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/env.html.md"""
 
 # %% ../nbs/01_env.ipynb #1e89ce18
 from __future__ import annotations
-import contextlib, logging, os, shutil, socket, warnings
+import contextlib, functools, logging, os, shutil, socket, subprocess, sys, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Optional
 import torch
 
 # %% auto #0
-__all__ = ['DeviceInfo', 'nvidia_smi_gpus', 'fork_safe_cuda_available', 'detect_device', 'torch_supports_gpu',
-           'gpu_mismatch_message', 'PrecisionPolicy', 'choose_precision', 'needs_repeat_kv', 'use_repeat_kv_for_sdpa',
-           'on_kaggle', 'free_disk_gib', 'hf_offline', 'internet_available', 'quiet_hf', 'Check', 'doctor',
-           'format_checks', 'checks_exit_code']
+__all__ = ['DeviceInfo', 'nvidia_smi_gpus', 'nvml_cuda_checks', 'fork_safe_cuda_available', 'detect_device', 'cuda_arch_list',
+           'torch_supports_gpu', 'gpu_mismatch_message', 'PrecisionPolicy', 'choose_precision', 'needs_repeat_kv',
+           'use_repeat_kv_for_sdpa', 'on_kaggle', 'free_disk_gib', 'hf_offline', 'internet_available', 'quiet_hf',
+           'Check', 'doctor', 'format_checks', 'checks_exit_code']
 
 # %% ../nbs/01_env.ipynb #34f1f192
 @dataclass
@@ -46,17 +46,22 @@ def nvidia_smi_gpus() -> Optional[list]:
     except ValueError: return None   # an old driver without compute_cap: ask torch instead
     return gpus or None
 
-def fork_safe_cuda_available() -> bool:
-    "`torch.cuda.is_available()` answered by NVML: plain `is_available` calls cuInit, after which forked GPU workers fail."
+@contextlib.contextmanager
+def nvml_cuda_checks():
+    "Inside, torch answers `cuda.is_available()` (also inside `get_arch_list`) from NVML: the runtime's answer poisons forks."
     old = os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK')
     os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'
-    try: return torch.cuda.is_available()
+    try: yield
     finally:
         if old is None: del os.environ['PYTORCH_NVML_BASED_CUDA_CHECK']
         else: os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = old
 
+def fork_safe_cuda_available() -> bool:
+    "`torch.cuda.is_available()` answered by NVML: plain `is_available` calls cuInit, after which forked GPU workers fail."
+    with nvml_cuda_checks(): return torch.cuda.is_available()
+
 def detect_device() -> DeviceInfo:
-    "Describe the GPU (if any) visible to torch without initialising CUDA (`notebook_launcher` must fork after this)."
+    "Describe the GPU (if any) visible to torch without initialising CUDA or anything that would break a later fork."
     if not fork_safe_cuda_available(): return DeviceInfo('cpu')
     gpus, count = nvidia_smi_gpus(), torch.cuda.device_count()
     if gpus and (not os.environ.get('CUDA_VISIBLE_DEVICES') or len(set(gpus)) == 1):   # with a mask, nvidia-smi's order may
@@ -64,7 +69,17 @@ def detect_device() -> DeviceInfo:
     else:
         p = torch.cuda.get_device_properties(0)
         name, cap, gib = p.name, (p.major, p.minor), p.total_memory / 2**30
-    return DeviceInfo('cuda', name, count, cap, gib, torch.__version__, torch.version.cuda, list(torch.cuda.get_arch_list()))
+    return DeviceInfo('cuda', name, count, cap, gib, torch.__version__, torch.version.cuda, cuda_arch_list())
+
+@functools.lru_cache(maxsize=None)
+def cuda_arch_list() -> list:
+    "The sm_XX this torch has kernels for, asked in a subprocess until CUDA is initialised here: asking here poisons forks."
+    if torch.cuda.is_initialized(): return list(torch.cuda.get_arch_list())
+    code = 'import torch; print(" ".join(torch.cuda.get_arch_list()))'   # measured on an H200: the answer poisons forks
+    try: out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, 'PYTORCH_NVML_BASED_CUDA_CHECK': '1'})
+    except (OSError, subprocess.SubprocessError): return []   # unknown: torch_supports_gpu does not block on it
+    return out.stdout.split() if out.returncode == 0 else []
 
 # %% ../nbs/01_env.ipynb #a69fc892
 def torch_supports_gpu(capability: tuple, arch_list: list) -> bool:

@@ -6,17 +6,17 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/launch.html.md"""
 
 # %% ../nbs/14_launch.ipynb #a1fc1bda
 from __future__ import annotations
-import json, os
+import json, os, queue, signal, socket, subprocess, sys, threading, time
 from pathlib import Path
 from typing import Optional
-from .config import KDConfig
+from .config import KDConfig, save_config
 from .env import nvidia_smi_gpus
 from .plots import LivePlot
 from .progress import is_main_process
 from .train import train, FINAL_METRICS
 
 # %% auto #0
-__all__ = ['gpu_count', 'notebook_train']
+__all__ = ['gpu_count', 'launch_command', 'launch_train', 'notebook_train']
 
 # %% ../nbs/14_launch.ipynb #fa2ccc13
 def gpu_count() -> int:
@@ -28,17 +28,54 @@ def gpu_count() -> int:
 
 # %% ../nbs/14_launch.ipynb #79766cf2
 def _train_with_live_plot(cfg: KDConfig, live: Optional[bool]) -> dict:
-    "The trainer with a live plot as callback (drawn by the main process only)."
+    "The trainer in this process with a live plot as callback (drawn by the main process only)."
     with LivePlot(enabled=False if live is False or not is_main_process() else None) as plot:
         return train(cfg, callback=plot)
 
-def notebook_train(cfg: KDConfig, num_processes: Optional[int] = None, live: Optional[bool] = None) -> dict:
-    "Train from a notebook: in-process on one device, one process per GPU via `notebook_launcher` on several; final metrics."
-    n = gpu_count() if num_processes is None else num_processes
-    if n <= 1: return _train_with_live_plot(cfg, live)
-    from accelerate import notebook_launcher
-    notebook_launcher(_train_with_live_plot, (cfg, live), num_processes=n)
-    path = Path(cfg.output_dir)/FINAL_METRICS
-    if not path.is_file(): raise RuntimeError(f"the {n}-process run wrote no {path}: see the launched processes' messages above")
-    final = json.loads(path.read_text()); final.pop('step', None)
+def _free_port() -> int:
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def launch_command(config_path, num_processes: int) -> list:
+    "`accelerate launch` of `kd-kaggle train --config config_path` on `num_processes` processes (one per GPU)."
+    return [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(num_processes),
+            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
+            '-m', 'kd_kaggle.cli', 'train', '--config', str(config_path)]
+
+def _new_records(path: Path, offset: int) -> tuple:
+    "(records appended to the JSONL `path` after byte `offset`, the offset after the last complete line)."
+    if not path.is_file(): return [], offset
+    with open(path, 'rb') as f: f.seek(offset); chunk = f.read()
+    end = chunk.rfind(b'\n') + 1
+    return [json.loads(l) for l in chunk[:end].splitlines() if l.strip()], offset + end
+
+# %% ../nbs/14_launch.ipynb #ce4d8986
+def launch_train(cfg: KDConfig, num_processes: int, live: Optional[bool] = None, poll_s: float = 2.0) -> dict:
+    "Train in a child `accelerate launch` on `num_processes` processes; echo its lines and plot its records here."
+    run_dir = Path(cfg.output_dir); run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_config(cfg, run_dir/'launch_config.json')
+    metrics = run_dir/'metrics.jsonl'; offset = metrics.stat().st_size if metrics.is_file() else 0   # a resumed run's history
+    proc = subprocess.Popen(launch_command(config_path, num_processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True, env={**os.environ, 'TOKENIZERS_PARALLELISM': 'false'})
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    try:
+        with LivePlot(enabled=live) as plot:
+            while True:
+                finished = proc.poll() is not None
+                while not lines.empty(): print(lines.get(), end='', flush=True)
+                records, offset = _new_records(metrics, offset)
+                for rec in records: plot.update(rec)
+                if finished: break
+                time.sleep(poll_s)
+            time.sleep(0.2)
+            while not lines.empty(): print(lines.get(), end='', flush=True)
+    except KeyboardInterrupt:   # the child's trainer saves a checkpoint on SIGINT, then exits
+        os.killpg(proc.pid, signal.SIGINT); proc.wait(); raise
+    if proc.returncode != 0: raise RuntimeError(f"training on {num_processes} processes failed (exit {proc.returncode}); its lines are above")
+    final = json.loads((run_dir/FINAL_METRICS).read_text()); final.pop('step', None)
     return final
+
+def notebook_train(cfg: KDConfig, num_processes: Optional[int] = None, live: Optional[bool] = None) -> dict:
+    "Train from a notebook: in this process on one device, in a child `accelerate launch` on several GPUs; final metrics."
+    n = gpu_count() if num_processes is None else num_processes
+    return _train_with_live_plot(cfg, live) if n <= 1 else launch_train(cfg, n, live)
