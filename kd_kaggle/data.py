@@ -119,6 +119,7 @@ def cut_at_tokens(text: str, n_tokens: int, tok) -> tuple:
     end = offsets[max(n_tokens, 1)][0]                      # the start of the first token that does not fit
     cut = max(text.rfind(' ', 0, end + 1), text.rfind('\n', 0, end + 1))
     if cut <= end // 2: cut = end                           # no whitespace in the second half: cut between tokens
+    if cut <= 0: cut = max(offsets[0][1], 1)                # always make progress (one token at least)
     return text[:cut].rstrip(), text[cut:].lstrip()
 
 def pack_to_budget(paragraphs: list, lengths: list, tok, budget: int, sep: str = '\n\n', min_fill: int = 16) -> list:
@@ -134,7 +135,8 @@ def pack_to_budget(paragraphs: list, lengths: list, tok, budget: int, sep: str =
         if cur and room < min_fill: texts.append(sep.join(cur)); cur, used = [], 0; queue.append((p, k)); continue
         head, tail = cut_at_tokens(p, room, tok)
         if head: cur.append(head)
-        texts.append(sep.join(cur)); cur, used = [], 0
+        if cur: texts.append(sep.join(cur))                 # (a whitespace-only head adds no empty text)
+        cur, used = [], 0
         if tail: queue.append((tail, n(tail)))
     if cur: texts.append(sep.join(cur))
     return texts

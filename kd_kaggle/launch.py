@@ -44,11 +44,29 @@ def launch_command(config_path, num_processes: int) -> list:
 def _new_records(path: Path, offset: int) -> tuple:
     "(records appended to the JSONL `path` after byte `offset`, the offset after the last complete line)."
     if not path.is_file(): return [], offset
+    if path.stat().st_size < offset: offset = 0   # a resume rewrote the file back to its checkpoint: read it again
     with open(path, 'rb') as f: f.seek(offset); chunk = f.read()
     end = chunk.rfind(b'\n') + 1
-    return [json.loads(l) for l in chunk[:end].splitlines() if l.strip()], offset + end
+    return [r for r in map(_json_or_none, chunk[:end].splitlines()) if r is not None], offset + end
+
+def _json_or_none(line: bytes):
+    try: return json.loads(line) if line.strip() else None
+    except ValueError: return None
 
 # %% ../nbs/14_launch.ipynb #ce4d8986
+def _workers(pid: int) -> list:
+    "Child pids of `pid` (Linux /proc), i.e. the training processes `accelerate launch` started."
+    try: return [int(c) for c in Path(f'/proc/{pid}/task/{pid}/children').read_text().split()]
+    except (OSError, ValueError): return []
+
+def _interrupt(proc, grace_s: float = 900.0) -> None:
+    "Ctrl-C the training processes (each saves a checkpoint, then exits), not the launcher: its agent kills workers after 30 s."
+    for pid in _workers(proc.pid) or [proc.pid]:
+        try: os.kill(pid, signal.SIGINT)
+        except ProcessLookupError: pass
+    try: proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+
 def launch_train(cfg: KDConfig, num_processes: int, live: Optional[bool] = None, poll_s: float = 2.0) -> dict:
     "Train in a child `accelerate launch` on `num_processes` processes; echo its lines and plot its records here."
     run_dir = Path(cfg.output_dir); run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,20 +75,22 @@ def launch_train(cfg: KDConfig, num_processes: int, live: Optional[bool] = None,
     proc = subprocess.Popen(launch_command(config_path, num_processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, start_new_session=True, env={**os.environ, 'TOKENIZERS_PARALLELISM': 'false'})
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True); reader.start()
+    echo = lambda: [print(lines.get(), end='', flush=True) for _ in range(lines.qsize())]
     try:
         with LivePlot(enabled=live) as plot:
             while True:
                 finished = proc.poll() is not None
-                while not lines.empty(): print(lines.get(), end='', flush=True)
+                if finished: reader.join(timeout=10)          # every line the child wrote, its last traceback included
+                echo()
                 records, offset = _new_records(metrics, offset)
                 for rec in records: plot.update(rec)
                 if finished: break
                 time.sleep(poll_s)
-            time.sleep(0.2)
-            while not lines.empty(): print(lines.get(), end='', flush=True)
-    except KeyboardInterrupt:   # the child's trainer saves a checkpoint on SIGINT, then exits
-        os.killpg(proc.pid, signal.SIGINT); proc.wait(); raise
+    except KeyboardInterrupt:
+        _interrupt(proc); echo(); raise
+    finally:
+        if proc.poll() is None: _interrupt(proc)             # any other failure here must not leave the GPUs busy
     if proc.returncode != 0: raise RuntimeError(f"training on {num_processes} processes failed (exit {proc.returncode}); its lines are above")
     final = json.loads((run_dir/FINAL_METRICS).read_text()); final.pop('step', None)
     return final

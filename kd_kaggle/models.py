@@ -6,7 +6,7 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/models.html.md"""
 
 # %% ../nbs/08_models.ipynb #9a5ff26a
 from __future__ import annotations
-import os, re
+import os, re, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -148,10 +148,15 @@ def compile_layers(model, backend: str = 'inductor') -> int:
     "Compile each decoder layer of `model` in place (one shared graph; errors fall back to eager); returns how many."
     layers = getattr(model.base_model, 'layers', None)
     if layers is None: return 0
-    import torch._dynamo
-    dyn = torch._dynamo.config
-    dyn.suppress_errors = True   # a compiler failure runs that code eagerly instead of ending the run
-    # every layer instance is its own cache entry (guards on the module): past the default limit of 8 the rest ran eagerly
-    dyn.recompile_limit = dyn.recompile_limit + len(layers)
-    for layer in layers: layer.compile(backend=backend, dynamic=True)   # one compile per layer, whatever the batch shape
+    try:
+        import torch._dynamo
+        dyn = torch._dynamo.config
+        dyn.suppress_errors = True   # a compiler failure runs that code eagerly instead of ending the run
+        # each layer instance can be its own cache entry: on torch 2.11 past the default limit of 8 the rest ran eagerly
+        limit = 'recompile_limit' if hasattr(dyn, 'recompile_limit') else 'cache_size_limit'   # renamed in torch 2.7
+        setattr(dyn, limit, max(getattr(dyn, limit), 8 + 2 * len(layers)))
+        for layer in layers: layer.compile(backend=backend, dynamic=True)   # one compile per layer, whatever the batch shape
+    except (AttributeError, RuntimeError) as e:   # an old torch (Module.compile is 2.2+): stay eager
+        warnings.warn(f"torch.compile unavailable here ({type(e).__name__}: {e}); running eagerly")
+        return 0
     return len(layers)

@@ -303,10 +303,13 @@ def train_step(r, state, batches: list, weights: dict) -> Optional[tuple]:
     except OOM_ERRORS: raise RuntimeError(oom_advice(r.cfg)) from None
     r.pending_tokens = getattr(r, 'pending_tokens', 0) + tokens      # a device counter, read when a record is written
     if scaler is None and not _all_finite(acc, loss): return _bad_step(r, state)   # fp32/bf16: the one sync of the step
+    scale = scaler._scale.clone() if getattr(scaler, '_scale', None) is not None else None   # on the device: no sync
     grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), r.cfg.max_grad_norm) if r.cfg.max_grad_norm else None
     r.optimizer.step()
     if acc.optimizer_step_was_skipped:                # fp16: GradScaler's own inf/nan check, no extra sync on good steps
-        if not _all_finite(acc, loss): return _bad_step(r, state)    # a non-finite loss, not an fp16 overflow
+        if not _all_finite(acc, loss):                # a non-finite loss, not an fp16 overflow: keep the loss scale
+            if scale is not None: scaler.update(scale)
+            return _bad_step(r, state)
         state.scaler_skipped += 1                     # overflow: the update was skipped, and the lr schedule waits with it
     else: r.scheduler.step()
     r.optimizer.zero_grad(set_to_none=True)

@@ -49,7 +49,7 @@ def shard_hashes(d):
 
 def test_reference_cache(env):
     s, cfg = env['summary'], env['cfg']
-    assert len(env['train_ds']) == 62 and s['complete'] and s['shards_done'] == s['shards_total'] == 8 and s['rows'] == s['total_rows'] > 0
+    assert len(env['train_ds']) == 64 and s['complete'] and s['shards_done'] == s['shards_total'] == 8 and s['rows'] == s['total_rows'] > 0
     assert s['bytes_per_position'] == 64 * (2 + 2) + 2           # uint16 ids (2,048-id student) + fp16 log-probs
     assert s['teacher_metrics']['bpb'] > 0
     man = json.loads((env['ref']/MANIFEST).read_text())

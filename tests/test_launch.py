@@ -18,3 +18,24 @@ def test_two_process_launch_from_a_notebook_call(tmp_path, capsys, monkeypatch):
     assert 'x2, precision' in out and '4x1x2 sequences' in out and out.count('kd_kaggle: done') == 1   # the child's lines, echoed once
     assert final['student_bpb'] > 0 and 'bpb_gain' in final
     assert [r['step'] for r in seen if 'loss' in r] == [1, 2, 3, 4] and 'eval_student_bpb' in seen[-1]   # plotted from metrics.jsonl
+
+WORKER = '''import signal, sys, time
+def stop(*_): open(sys.argv[1], 'a').write('worker saved\\n'); sys.exit(0)
+signal.signal(signal.SIGINT, stop); open(sys.argv[1] + '.ready', 'w').close(); time.sleep(60)
+'''
+LAUNCHER = '''import signal, subprocess, sys
+signal.signal(signal.SIGINT, lambda *_: open(sys.argv[1], 'a').write('launcher interrupted\\n'))
+sys.exit(subprocess.call([sys.executable, sys.argv[2], sys.argv[1]]))
+'''
+
+def test_ctrl_c_goes_to_the_workers_not_the_launcher(tmp_path):
+    "The launcher's agent would SIGKILL workers 30 s after its own SIGINT: only the workers get it, and may take their time."
+    import subprocess, sys, time
+    from kd_kaggle.launch import _interrupt
+    (tmp_path/'w.py').write_text(WORKER); (tmp_path/'l.py').write_text(LAUNCHER); log = tmp_path/'log'
+    proc = subprocess.Popen([sys.executable, str(tmp_path/'l.py'), str(log), str(tmp_path/'w.py')], start_new_session=True)
+    for _ in range(200):
+        if (tmp_path/'log.ready').exists(): break
+        time.sleep(0.05)
+    _interrupt(proc, grace_s=30)
+    assert proc.returncode == 0 and log.read_text() == 'worker saved\n'
