@@ -13,10 +13,12 @@ import torch
 
 from .config import atomic_write_text
 from .env import PrecisionPolicy, quiet_hf
+from .losses import bucket_map, forward_kl, student_bucket_logp, teacher_bucket_logp
+from .progress import progress_bar
 
 # %% auto #0
-__all__ = ['LN2', 'lm_metrics', 'pair_metrics', 'evaluate', 'try_evaluate', 'to_jsonable', 'greedy_generations',
-           'compare_generations', 'generations_table', 'evaluate_saved']
+__all__ = ['LN2', 'lm_metrics', 'pair_metrics', 'evaluate', 'to_jsonable', 'greedy_generations', 'compare_generations',
+           'generations_table', 'evaluate_saved']
 
 # %% ../nbs/11_evaluate.ipynb #5bb3ba15
 _EMPTY = ("no held-out examples: the evaluation set is empty. Set eval_data (a held-out file or dataset) or "
@@ -80,31 +82,24 @@ def _nll_sum(to_logits, rows, targets, chunk: int) -> float:
         total += (torch.logsumexp(lg, -1) - lg.gather(-1, targets[i:i + chunk, None])[:, 0]).sum().item()
     return total
 
-def _project(p: torch.Tensor, idx: torch.Tensor, n_buckets: int) -> torch.Tensor:
-    "Teacher probabilities p [N,Vt] summed into student buckets by idx [Vt] (tail bucket = n_buckets-1), on p's device."
-    return torch.zeros(p.shape[0], n_buckets, device=p.device, dtype=p.dtype).scatter_add_(1, idx.expand(p.shape[0], -1), p)
-
-def _pair_stats(s_rows, s_fn, t_rows, t_fn, vmap, chunk: int, cache: dict) -> list:
-    "[agreements, KL sum, teacher tail mass sum, positions] for aligned student/teacher hidden rows."
+def _pair_stats(s_rows, s_fn, t_rows, t_fn, vmap, chunk: int, cache: dict, limit: Optional[int] = None) -> list:
+    "[agreements, KL sum, teacher tail mass sum, positions] at aligned rows: the training loss's buckets and forward KL."
     agree = kl = tail = 0.0
     for i in range(0, len(s_rows), chunk):
         s_lg, t_lg = s_fn(s_rows[i:i + chunk]), t_fn(t_rows[i:i + chunk])
         Vs, Vt = s_lg.shape[-1], t_lg.shape[-1]
-        if (Vs, Vt) not in cache:   # map teacher rows -> student bucket (Vs = tail); ids beyond either head are tail
+        if (Vs, Vt) not in cache:   # teacher rows beyond the map or the student head go to the tail, as in training
             m = torch.full((Vt,), -1, dtype=torch.long)
             n = min(Vt, len(vmap)); m[:n] = vmap[:n].long().cpu()
-            m = torch.where((m >= 0) & (m < Vs), m, Vs)
-            in_image = torch.zeros(Vs + 1, dtype=torch.bool); in_image[m] = True
-            cache[(Vs, Vt)] = (m.to(t_lg.device), in_image[:Vs].to(s_lg.device))
-        idx, in_image = cache[(Vs, Vt)]
-        q_t = _project(t_lg.softmax(-1), idx, Vs + 1).to(s_lg.device)
-        s_logp = s_lg.log_softmax(-1)
-        s_tail = torch.logsumexp(s_logp.masked_fill(in_image, float('-inf')), -1, keepdim=True)
-        # clamp: a student that puts (numerically) zero mass on a bucket the teacher uses gives a large, finite KL
-        log_q_s = torch.cat([s_logp, s_tail], -1).clamp_min(-100.0)
-        kl += torch.where(q_t > 0, q_t * (q_t.clamp_min(1e-30).log() - log_q_s), 0.0).sum().item()
-        agree += (q_t.argmax(-1) == s_lg.argmax(-1)).sum().item()
-        tail += q_t[:, -1].sum().item()
+            bmap = bucket_map(torch.where(m < Vs, m, -1), Vs, min(limit or Vt, Vt))   # padding rows out, as in training
+            cache[(Vs, Vt)] = (bmap.to(t_lg.device), bmap.to(s_lg.device))
+        t_map, s_map = cache[(Vs, Vt)]
+        p_logp = teacher_bucket_logp(t_lg, t_map).to(s_lg.device)            # exactly what the KD term compares
+        kl += forward_kl(p_logp, student_bucket_logp(s_lg.log_softmax(-1), s_map)).sum().item()
+        b = p_logp.argmax(-1)   # the teacher's bucket: a mapped student id, or the tail (which never agrees)
+        t_id = torch.where(b < s_map.n_mapped, s_map.mapped_ids[b.clamp_max(s_map.n_mapped - 1)], -1)
+        agree += (t_id == s_lg.argmax(-1)).sum().item()
+        tail += p_logp[:, -1].exp().sum().item()
     return [agree, kl, tail, len(s_rows)]
 
 # %% ../nbs/11_evaluate.ipynb #e6cec180
@@ -121,13 +116,12 @@ def _eval_mode(*models):
 
 def _eval_bar(batches, max_batches: Optional[int] = None):
     "The evaluation's progress bar (stderr, main process only; total unknown for a plain iterator)."
-    from kd_kaggle.progress import progress_bar
     n = len(batches) if hasattr(batches, '__len__') else None
     total = min(n, max_batches) if n is not None and max_batches is not None else n if n is not None else max_batches
     return progress_bar(total, 'eval', 'batch')
 
 def _accumulate(models: dict, batches: Iterable, vocab_map=None, policy=None, kd_positions='one_to_one',
-                chunk: int = 512, max_batches: Optional[int] = None) -> dict:
+                chunk: int = 512, max_batches: Optional[int] = None, teacher_vocab_limit: Optional[int] = None) -> dict:
     "One pass over `batches`: per-side [nll, tokens, bytes] and, with both models and a vocab map, pair stats."
     sides = [s for s, m in models.items() if m is not None]
     pair = vocab_map is not None and len(sides) == 2
@@ -150,7 +144,7 @@ def _accumulate(models: dict, batches: Iterable, vocab_map=None, policy=None, kd
             where = batch['one_to_one'].to(s_h.device).bool() if kd_positions == 'one_to_one' else s2t >= 0
             b, i = (where & (s2t >= 0) & (lab != -100)).nonzero(as_tuple=True)
             j = s2t[b, i]
-            out += _pair_stats(s_h[b, i], s_fn, t_h[b.to(t_h.device), j.to(t_h.device)], t_fn, vocab_map, chunk, cache)
+            out += _pair_stats(s_h[b, i], s_fn, t_h[b.to(t_h.device), j.to(t_h.device)], t_fn, vocab_map, chunk, cache, teacher_vocab_limit)
         return out
 
     with _eval_mode(*models.values()), _eval_bar(batches, max_batches) as bar:
@@ -190,19 +184,20 @@ def _pair_summary(agree, kl, tail, n) -> dict:
     return {'agreement': agree / n if n else nan, 'kl': kl / n if n else nan, 'tail_mass': tail / n if n else nan, 'aligned_positions': int(n)}
 
 def pair_metrics(student, teacher, batches: Iterable, vocab_map: torch.Tensor, policy: Optional[PrecisionPolicy] = None,
-                 kd_positions: str = 'one_to_one', chunk: int = 512, max_batches: Optional[int] = None) -> dict:
+                 kd_positions: str = 'one_to_one', chunk: int = 512, max_batches: Optional[int] = None,
+                 teacher_vocab_limit: Optional[int] = None) -> dict:
     "Top-1 agreement, KL(teacher||student) and teacher tail mass on the projected distributions at aligned positions."
-    r = _accumulate({'student': student, 'teacher': teacher}, batches, vocab_map, policy, kd_positions, chunk, max_batches)
+    r = _accumulate({'student': student, 'teacher': teacher}, batches, vocab_map, policy, kd_positions, chunk, max_batches, teacher_vocab_limit)
     return _pair_summary(*r['sums']['pair'])
 
 # %% ../nbs/11_evaluate.ipynb #4577ca98
 def evaluate(student, teacher, batches: Iterable, vocab_map: Optional[torch.Tensor] = None,
              policy: Optional[PrecisionPolicy] = None, student_bpb_before: Optional[float] = None,
-             kd_positions: str = 'one_to_one', chunk: int = 512, max_batches: Optional[int] = None) -> dict:
+             kd_positions: str = 'one_to_one', chunk: int = 512, max_batches: Optional[int] = None, teacher_vocab_limit: Optional[int] = None) -> dict:
     "Held-out student/teacher loss, ppl, bpb, knowledge retention, bpb before/after, agreement, KL (flat dict)."
     t0 = time.perf_counter()
     r = _accumulate({'student': student, 'teacher': teacher}, batches, vocab_map if teacher is not None else None,
-                    policy, kd_positions, chunk, max_batches)
+                    policy, kd_positions, chunk, max_batches, teacher_vocab_limit)
     out = {}
     for side in ('student', 'teacher'):
         if side not in r['sums']: continue
@@ -221,11 +216,6 @@ def evaluate(student, teacher, batches: Iterable, vocab_map: Optional[torch.Tens
     return out | {'examples': r['examples'], 'batches': r['batches'], 'seconds': time.perf_counter() - t0}
 
 # %% ../nbs/11_evaluate.ipynb #2f304f86
-def try_evaluate(*args, **kwargs) -> dict:
-    "`evaluate(*args, **kwargs)`, or {'error': 'Type: message'} if it raises (never raises itself)."
-    try: return evaluate(*args, **kwargs)
-    except Exception as e: return {'error': f'{type(e).__name__}: {e}'}
-
 def to_jsonable(obj):
     "A copy of `obj` that `json.dumps(..., allow_nan=False)` accepts (NaN/inf -> None, tensors -> numbers/lists)."
     if isinstance(obj, dict): return {str(k): to_jsonable(v) for k, v in obj.items()}

@@ -17,8 +17,7 @@ from .progress import in_notebook   # one test, shared with the progress bars
 
 # %% auto #0
 __all__ = ['TERMS', 'synthetic_history', 'load_history', 'series', 'plot_losses', 'plot_schedules', 'plot_eval', 'skipped_counts',
-           'plot_system', 'save_figure', 'training_summary', 'write_report', 'report_parts', 'show_report', 'LivePlot',
-           'progress_line', 'ProgressLine']
+           'plot_system', 'save_figure', 'training_summary', 'write_report', 'report_parts', 'show_report', 'LivePlot']
 
 # %% ../nbs/12_plots.ipynb #4008d08a
 def synthetic_history(steps: int = 3000, log_every: int = 10, eval_every: int = 500, seed: int = 0) -> list:
@@ -437,31 +436,3 @@ class LivePlot:
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
-
-# %% ../nbs/12_plots.ipynb #fb4c5373
-def _si(x: float) -> str:
-    return f'{x / 1e6:.2f}M' if x >= 1e6 else f'{x / 1e3:.1f}k' if x >= 1e3 else f'{x:.0f}'
-
-def progress_line(step: int, total: Optional[int] = None, tok_s: Optional[float] = None, eta_s: Optional[float] = None,
-                  budget_left_s: Optional[float] = None, loss: Optional[float] = None) -> str:
-    "One short status line: step (and %), loss, throughput, ETA and budget left; unknown parts are left out."
-    parts = [f'step {step:,}/{total:,} ({100 * step / total:.0f}%)' if total else f'step {step:,}']
-    if _num(loss) is not None: parts.append(f'loss {loss:.4f}')
-    elif loss is not None: parts.append(f'loss {loss}')   # nan/inf: say so, it is why the user is looking
-    if _num(tok_s): parts.append(f'{_si(tok_s)} tok/s')
-    if _num(eta_s) is not None: parts.append(f'eta {format_duration(eta_s)}')
-    if _num(budget_left_s) is not None: parts.append(f'budget left {format_duration(budget_left_s)}')
-    return ' | '.join(parts)
-
-class ProgressLine:
-    "Show progress lines: updated in place in a notebook, printed one per call elsewhere (the caller decides how often)."
-    def __init__(self, enabled: Optional[bool] = None):
-        self.notebook = in_notebook() if enabled is None else enabled
-        self.handle = None
-
-    def show(self, line: str) -> None:
-        "Display `line` (in place in a notebook)."
-        if not self.notebook: print(line, flush=True); return
-        from IPython.display import Pretty, display
-        if self.handle is None: self.handle = display(Pretty(line), display_id=True)
-        else: self.handle.update(Pretty(line))

@@ -429,7 +429,7 @@ def _evaluate(r, eval_batches, teacher=True) -> dict:
     from kd_kaggle.evaluate import evaluate
     d = _unwrapped(r)
     m = evaluate(d.student, d.teacher if teacher else None, eval_batches, r.vocab_map.to(r.acc.device), r.policy,
-                 kd_positions=r.cfg.kd_positions)
+                 kd_positions=r.cfg.kd_positions, teacher_vocab_limit=len(r.t_tok))   # the KD term's buckets exactly
     if d.teacher is None and r.cache is not None and r.cache.teacher_metrics:   # measured once, when the cache was built
         m['teacher_bpb'] = r.cache.teacher_metrics['bpb']; m['retention'] = m['teacher_bpb'] / m['student_bpb']
     return m
