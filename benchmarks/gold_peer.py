@@ -129,7 +129,7 @@ def _step_timer(n_warmup, n_timed, n_prof, cuda):
 
 def _kernel_ms(prof, n: int) -> tuple:
     """(device time, its GEMM part) per step in ms, from the profiler's device-side events (device_type CUDA: kernels,
-    plus memcpy/memset as benchmarks/kd_step.py counts them), leaving out GPU user-annotation ranges. CPU ops are skipped
+    plus memcpy/memset as benchmarks/step.py counts them), leaving out GPU user-annotation ranges. CPU ops are skipped
     because their self device time repeats that of the kernels they launch."""
     from torch.autograd import DeviceType
     tot = gemm = 0.0

@@ -24,7 +24,7 @@ Without `datasets` installed (the GPU image lacks it), carry the wheels (see the
 minimal in-memory stand-in for the few `datasets` calls kd_kaggle.data makes (logged when used).
 """
 from __future__ import annotations
-import argparse, copy, json, math, os, platform, shutil, sys, time, types
+import argparse, json, math, os, platform, shutil, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,78 +42,11 @@ def say(*a):
     print(f"[{time.monotonic() - T0:6.1f}s]", *a, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# `datasets` stand-in (only if the real package cannot be imported)
-def _datasets_shim():
-    "A module with the handful of `datasets` calls kd_kaggle.data/env make, backed by Python lists + pickle."
-    import pickle
-    mod = types.ModuleType('datasets')
-
-    class Dataset:
-        def __init__(self, cols): self._cols = {k: list(v) for k, v in cols.items()}
-        @classmethod
-        def from_list(cls, rows): return cls({k: [r[k] for r in rows] for k in rows[0]} if rows else {})
-        @classmethod
-        def from_dict(cls, d): return cls(d)
-        @property
-        def column_names(self): return list(self._cols)
-        def __len__(self): return len(next(iter(self._cols.values()))) if self._cols else 0
-        def __getitem__(self, i):
-            if isinstance(i, str): return self._cols[i]
-            return {k: v[i] for k, v in self._cols.items()}
-        def map(self, fn, batched=True, batch_size=1000, remove_columns=None, **_):
-            assert batched, 'shim supports batched map only'
-            out = {}
-            for s in range(0, len(self), batch_size):
-                res = fn({k: v[s:s + batch_size] for k, v in self._cols.items()})
-                for k, v in res.items(): out.setdefault(k, []).extend(v)
-            keep = {k: v for k, v in self._cols.items() if k not in (remove_columns or []) and k not in out}
-            return Dataset({**keep, **out})
-        def save_to_disk(self, path):
-            Path(path).mkdir(parents=True, exist_ok=True)
-            with open(Path(path) / 'data.pkl', 'wb') as f: pickle.dump(self._cols, f)
-
-    def load_from_disk(path):
-        with open(Path(path) / 'data.pkl', 'rb') as f: return Dataset(pickle.load(f))
-
-    logging = types.SimpleNamespace(get_verbosity=lambda: 30, set_verbosity=lambda v: None, set_verbosity_error=lambda: None)
-    mod.Dataset, mod.load_from_disk, mod.logging = Dataset, load_from_disk, logging
-    mod.disable_progress_bars = mod.enable_progress_bars = lambda: None
-    mod.__version__ = 'shim'
-    return mod
-
-
-def ensure_datasets(force_shim=False) -> str:
-    if not force_shim:
-        try:
-            import datasets
-            return f'datasets {datasets.__version__}'
-        except Exception as e:
-            say(f"`import datasets` failed ({type(e).__name__}: {e}); using the in-script stand-in")
-    sys.modules['datasets'] = _datasets_shim()
-    return 'datasets stand-in (benchmarks/quality.py)'
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Workaround for a library bug seen on the GPU (2026-11-24, H100): kd_kaggle.train.setup_run builds the Router on the
-# student's device *before* the student is moved to the accelerator (`Router.from_config(...).to(next(student.parameters()).device)`
-# with the student still on the CPU), then calibrate_router() multiplies the CPU mixture weights with CUDA hidden states:
-#   RuntimeError: Expected all tensors to be on the same device, but got mat2 is on cuda:0, different from other tensors on cpu
-# so train() with any router term (the default curriculum) fails on every GPU. We wrap _build_router to put the router on
-# the teacher's device (= accelerator.device). Everything else in train() is unchanged. Harmless once the library is fixed.
-ROUTER_PATCH = ('kd_kaggle.train._build_router wrapped to move the Router to the teacher\'s device (library bug: the router '
-                'is built on the CPU-resident student\'s device, and calibrate_router then fails on a GPU)')
-
-
-def patch_router_device():
-    import kd_kaggle.train as T
-    if getattr(T._build_router, '_quality_patch', False): return
-    orig = T._build_router
-    def _build_router(cfg, student, teacher, curriculum):
-        r = orig(cfg, student, teacher, curriculum)
-        return None if r is None else r.to(next(teacher.parameters()).device)
-    _build_router._quality_patch = True
-    T._build_router = _build_router
+def ensure_datasets() -> str:
+    "`datasets` is a library dependency: on a GPU image without it, carry its wheels (see benchmarks/fp16_gpu.sh)."
+    try: import datasets
+    except ImportError as e: raise SystemExit(f"benchmarks/quality.py: `import datasets` failed ({e}): install it or carry its wheels (.whl/)")
+    return f'datasets {datasets.__version__}'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -568,7 +501,6 @@ def main(argv=None):
     ap.add_argument('--precision', default='auto')
     ap.add_argument('--teacher-seconds', type=float, default=None)
     ap.add_argument('--teacher-patience', type=int, default=4)
-    ap.add_argument('--force-datasets-shim', action='store_true')
     ap.add_argument('--render', default=None, help='re-render the .md/.png next to this results .json (no training)')
     ap.add_argument('--stem', default=None, help='results file stem (default quality-<date>)')
     ap.add_argument('--t4', action=argparse.BooleanOptionalAction, default=True,
@@ -581,7 +513,7 @@ def main(argv=None):
     arms = [a.strip() for a in args.arms.split(',') if a.strip()]
     bad = set(arms) - set(ALL_ARMS)
     if bad: ap.error(f'unknown arms {sorted(bad)}; known: {ALL_ARMS}')
-    ds_note = ensure_datasets(args.force_datasets_shim)
+    ds_note = ensure_datasets()
     import torch, transformers
     from kd_kaggle.align import load_tokenizer
     from kd_kaggle.data import build_datasets, make_loader
@@ -603,13 +535,7 @@ def main(argv=None):
     eval_auto = args.eval_every is None
     if eval_auto: args.eval_every = max(1, args.steps // 8)
     cfg0 = base_config(args, S, work, tr, ho)
-    try: train_ds, eval_ds = build_datasets(cfg0, t_tok, s_tok)
-    except Exception as e:
-        if ds_note.startswith('datasets stand-in'): raise
-        say(f"build_datasets failed with the installed datasets ({type(e).__name__}: {e}); retrying with the stand-in")
-        shutil.rmtree(work / 'data_cache', ignore_errors=True)
-        ds_note = ensure_datasets(True) + f' (after {type(e).__name__} from the real one)'
-        train_ds, eval_ds = build_datasets(cfg0, t_tok, s_tok)
+    train_ds, eval_ds = build_datasets(cfg0, t_tok, s_tok)
     say(f"data: {len(train_ds):,} train / {len(eval_ds):,} held-out examples "
         f"({sum(map(len, eval_ds['student_input_ids'])):,} held-out student tokens)")
 
@@ -646,7 +572,6 @@ def main(argv=None):
 
     # size the run so that every main arm fits the deadline (same steps for all arms); --steps fixes it instead
     step_times = {}
-    patch_router_device(); meta['notes'].append(ROUTER_PATCH)
     if auto_steps:
         for arm in ('default', 'uld'):
             if arm in arms:

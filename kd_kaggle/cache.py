@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Optional
 import numpy as np, torch
 from .config import KDConfig, atomic_write_text, check_model_limits, format_duration, parse_duration
-from .losses import TeacherTargets
+from .losses import TeacherTargets, head_logits, teacher_targets_from_logits, bucket_map, OnlineTeacher, fused_distill_loss
+from .data import kd_position_mask, data_cache_key, make_loader, build_datasets, collate, epoch_order
+from .models import resolve_model, head_spec, final_hidden_states, max_positions, load_teacher
+from .align import vocab_map_fingerprint, load_tokenizer, build_vocab_map
+from .env import free_disk_gib, choose_precision, detect_device, gpu_mismatch_message
+from .checkpoint import Budget
+from .evaluate import lm_metrics
+from .progress import progress_bar
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'CACHE_VERSION', 'MANIFEST', 'ids_dtype_for', 'bytes_per_position', 'write_shard', 'open_shard',
@@ -82,7 +89,6 @@ _IDENTITY = ('teacher_fingerprint', 'vocab_fingerprint', 'seq_len', 'kd_position
 
 def model_fingerprint(name: str, role: str = 'teacher') -> str:
     "Cheap identity of a model dir: sha256 of config.json and each weight file's name, size, first and last MiB."
-    from kd_kaggle.models import resolve_model
     p = Path(resolve_model(name, role))
     if not p.is_dir(): return hashlib.sha256(f'hub:{name}'.encode()).hexdigest()
     h = hashlib.sha256((p/'config.json').read_bytes())
@@ -95,8 +101,6 @@ def model_fingerprint(name: str, role: str = 'teacher') -> str:
 
 def cache_identity(cfg: KDConfig, teacher_tok, student_tok) -> dict:
     "The fields of a cache manifest that must match a run of `cfg` with these tokenizers."
-    from kd_kaggle.align import vocab_map_fingerprint
-    from kd_kaggle.data import data_cache_key
     return {'teacher_fingerprint': model_fingerprint(cfg.teacher), 'vocab_fingerprint': vocab_map_fingerprint(teacher_tok, student_tok),
             'seq_len': cfg.seq_len, 'kd_positions': cfg.kd_positions, 'temperature': float(cfg.temperature),
             'data_key': data_cache_key(cfg, teacher_tok, student_tok)}
@@ -125,9 +129,6 @@ def check_cache_identity(manifest: dict, want: dict, top_k, where) -> None:
 def batch_targets(teacher, batch: dict, bmap, top_k: int, temperature: float = 1.0, kd_positions: str = 'one_to_one',
                   autocast_dtype=None, chunk: int = 1024) -> tuple:
     "(TeacherTargets of the KD positions of `batch` in row-major order, KD count per example)."
-    from kd_kaggle.losses import head_logits, teacher_targets_from_logits
-    from kd_kaggle.models import head_spec, final_hidden_states
-    from kd_kaggle.train import kd_position_mask
     dev = bmap.teacher_bucket.device
     kd = kd_position_mask(batch, kd_positions).to(dev)
     ac = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else torch.autocast(dev.type, enabled=False)
@@ -155,7 +156,6 @@ def _finite(t: TeacherTargets) -> bool:
     return not any(bool((torch.isnan(x) | torch.isposinf(x)).any()) for x in (t.logp, t.rest_logp))
 
 def _check_disk(out: Path, need: int) -> None:
-    from kd_kaggle.env import free_disk_gib
     free = free_disk_gib(out) * 2**30
     if free < need * 1.02 + 2**26:
         raise OSError(f"teacher cache at {out} needs {need / 1e9:.2f} GB more but only {free / 1e9:.2f} GB are free: use a smaller "
@@ -177,7 +177,6 @@ def _resume_manifest(out: Path, want: dict, top_k: int, writer: dict) -> Optiona
 def _new_manifest(cfg, want, bmap, student_vocab, teacher, policy, n, total_rows, writer) -> dict:
     k, lp = min(cfg.top_k, bmap.n_mapped), writer['logp_dtype'] or 'float16'
     if lp not in _LOGP_DTYPES: raise ValueError(f"logp_dtype={lp!r}: use 'float16' (compact) or 'float32' (exact)")
-    from kd_kaggle.models import max_positions
     return {'format': CACHE_FORMAT, 'version': CACHE_VERSION, **want, 'top_k': cfg.top_k, 'k': k, 'teacher': cfg.teacher,
             'student': cfg.student, 'student_vocab': student_vocab, 'ids_dtype': ids_dtype_for(student_vocab).name, 'logp_dtype': lp,
             'bytes_per_position': bytes_per_position(k, student_vocab, lp), 'teacher_rows': bmap.teacher_rows,
@@ -188,7 +187,6 @@ def _new_manifest(cfg, want, bmap, student_vocab, teacher, policy, n, total_rows
 
 def _shard_arrays(teacher, ds, man, bmap, policy, pads, budget, chunk, bar=None) -> Optional[dict]:
     "The arrays of one shard (examples of `ds`, already selected), or None when the budget ran out during it."
-    from kd_kaggle.data import make_loader
     parts, got = [], []
     for batch in make_loader(ds, man['batch_size'], *pads, shuffle=False):
         tt, c = batch_targets(teacher, batch, bmap, man['top_k'], man['temperature'], man['kd_positions'], policy.autocast_dtype, chunk)
@@ -214,12 +212,6 @@ def _deterministic(on: bool):
 def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: Optional[int] = None, batch_size: Optional[int] = None,
                   logp_dtype: Optional[str] = None, callback=None, deterministic: bool = False) -> dict:
     "Compute (or continue) the teacher cache of `cfg` in `output`; returns a summary (see `cache_teacher_main`)."
-    from kd_kaggle.align import load_tokenizer, build_vocab_map
-    from kd_kaggle.checkpoint import Budget
-    from kd_kaggle.data import build_datasets, make_loader
-    from kd_kaggle.env import choose_precision, detect_device, gpu_mismatch_message
-    from kd_kaggle.losses import bucket_map
-    from kd_kaggle.models import resolve_model, load_teacher, max_positions
     from transformers import AutoConfig
     budget = time_budget if isinstance(time_budget, Budget) else Budget(parse_duration(time_budget or cfg.time_budget))
     t0 = budget.clock()
@@ -251,13 +243,11 @@ def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: 
     todo = sorted(set(range(n_shards)) - {s['index'] for s in man['shards']})
     _check_disk(out, sum(int(counts[i * se:(i + 1) * se].sum()) for i in todo) * man['bytes_per_position'] + 4 * n)
     if man['teacher_metrics'] is None and len(eval_ds):
-        from kd_kaggle.evaluate import lm_metrics
         ev = make_loader(eval_ds, man['batch_size'], *pads, shuffle=False)
         man['teacher_metrics'] = {k: float(v) for k, v in lm_metrics(teacher, ev, 'teacher', policy).items()}
     budget.record('eval', 0.0); budget.record('save', 0.0)   # the tail to keep is one manifest write, not an evaluation
     atomic_write_text(out/MANIFEST, json.dumps(man, indent=1))
     stop, new = '', 0
-    from kd_kaggle.progress import progress_bar
     bar = progress_bar(sum(min(n, (i + 1) * se) - i * se for i in todo), 'teacher cache', 'ex')   # examples, not shards: shards are long
     for i in todo:
         if new and budget.should_stop(): stop = 'budget'; break
@@ -385,8 +375,6 @@ class CacheCollate:
     def __init__(self, cache: TeacherCache, student_pad_id: int = 0, teacher_pad_id: int = 0):
         self.cache, self.student_pad_id, self.teacher_pad_id = cache, student_pad_id, teacher_pad_id
     def __call__(self, items: list) -> dict:
-        from kd_kaggle.data import collate
-        from kd_kaggle.train import kd_position_mask
         idx = torch.tensor([i for i, _ in items], dtype=torch.long)
         batch = collate([row for _, row in items], self.student_pad_id, self.teacher_pad_id)
         batch['example_index'] = idx
@@ -396,7 +384,6 @@ class CacheCollate:
 def _make_loader(self, ds, batch_size: int, student_pad_id: int = 0, teacher_pad_id: int = 0, seed: int = 0, epoch: int = 0,
                  shuffle: bool = True):
     "`data.make_loader` over `ds` whose batches also carry `example_index` and `teacher_targets` from this cache."
-    from kd_kaggle.data import epoch_order
     if len(ds) != len(self):
         raise ValueError(f"the training dataset has {len(ds)} examples but teacher cache {self.path} has {len(self)}: rebuild the cache for this config")
     return torch.utils.data.DataLoader(IndexedDataset(ds), batch_size=batch_size, sampler=epoch_order(len(ds), seed, epoch, shuffle),
@@ -407,9 +394,6 @@ TeacherCache.make_loader = _make_loader
 def distill_loss_pair(batch: dict, student, teacher, vocab_map, teacher_targets: TeacherTargets, cfg: KDConfig,
                       teacher_vocab_limit: int, top_k: Optional[int] = None) -> tuple:
     "(online, cached) `fused_distill_loss` of `student` on `batch` as `Distiller.forward` computes them: a test/benchmark helper."
-    from kd_kaggle.losses import OnlineTeacher, fused_distill_loss
-    from kd_kaggle.models import head_spec, final_hidden_states
-    from kd_kaggle.train import kd_position_mask
     kd = kd_position_mask(batch, cfg.kd_positions)
     s_last, _ = final_hidden_states(student, batch['student_input_ids'], batch['student_attention_mask'])
     with torch.no_grad(): t_last, _ = final_hidden_states(teacher, batch['teacher_input_ids'], batch['teacher_attention_mask'])

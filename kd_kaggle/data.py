@@ -14,7 +14,8 @@ import numpy as np, torch
 # %% auto #0
 __all__ = ['EXAMPLE_KEYS', 'DATA_FORMAT_VERSION', 'read_text', 'read_paragraphs', 'instruction_record', 'row_record',
            'read_jsonl', 'load_records', 'cut_at_tokens', 'pack_to_budget', 'normalize_record', 'encode_examples',
-           'collate', 'data_cache_key', 'cache_problem', 'drop_message', 'build_datasets', 'epoch_order', 'make_loader']
+           'collate', 'kd_position_mask', 'data_cache_key', 'cache_problem', 'drop_message', 'build_datasets',
+           'epoch_order', 'make_loader']
 
 # %% ../nbs/04_data.ipynb #99237230
 def read_text(path) -> str:
@@ -222,6 +223,12 @@ def collate(examples: list, student_pad_id: int = 0, teacher_pad_id: int = 0) ->
         n = torch.tensor([len(e[f'{side}_input_ids']) for e in examples])
         batch[f'{side}_attention_mask'] = (torch.arange(batch[f'{side}_input_ids'].shape[1])[None] < n[:, None]).long()
     return batch
+
+# %% ../nbs/04_data.ipynb #f6ff96fa
+def kd_position_mask(batch: dict, mode: str = 'one_to_one') -> torch.Tensor:
+    "Student positions [B,Ts] where KD applies: scored, and 1:1 (or on a shared boundary). A rule of this batch format."
+    scored = batch['student_labels'] != -100
+    return (batch['one_to_one'] if mode == 'one_to_one' else batch['s2t'] >= 0) & scored
 
 # %% ../nbs/04_data.ipynb #42ea1fff
 DATA_FORMAT_VERSION = 4   # 3: both sides label exactly the same bytes (align.align_tokens `scored_from`); 4: packed to the budget

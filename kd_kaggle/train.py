@@ -6,31 +6,34 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/train.html.md"""
 
 # %% ../nbs/10_train.ipynb #532fd7c1
 from __future__ import annotations
-import contextlib, json, math, os, shutil, sys, time
+import contextlib, json, math, os, shutil, time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
-from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions, compile_choice, compile_layers
-from .progress import is_main_process
+from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions, compile_choice, compile_layers, resolve_model
+from .progress import is_main_process, progress_bar
+from .data import kd_position_mask, build_datasets, collate, epoch_order, make_loader
+from .cache import TeacherCache
 from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
-                                  latest_valid_checkpoint, checkpoint_candidates, default_print_every)
+                                  latest_valid_checkpoint, checkpoint_candidates, default_print_every, read_checkpoint_meta)
+from .losses import fused_distill_loss, OnlineTeacher, bucket_map
+from .align import load_tokenizer, build_vocab_map, save_vocab_map, vocab_map_fingerprint
+from .curriculum import Curriculum
+from .router import Router
+from .evaluate import evaluate, evaluate_saved
+from .plots import write_report
 
 # %% auto #0
-__all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'kd_position_mask', 'Distiller',
-           'check_output_dir', 'check_resume_config', 'oom_advice', 'lock_run_dir', 'first_ctrl_c_stops', 'Run',
-           'setup_run', 'calibrate_router', 'step_counts', 'forward_backward', 'train_step', 'train', 'Progress',
+__all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'Distiller', 'check_output_dir',
+           'check_resume_config', 'oom_advice', 'lock_run_dir', 'first_ctrl_c_stops', 'Run', 'setup_run',
+           'calibrate_router', 'step_counts', 'forward_backward', 'train_step', 'train', 'Progress',
            'evaluate_student_dir', 'demo_config']
 
 # %% ../nbs/10_train.ipynb #cc0c244d
 ROUTER_TERMS = ('feat', 'layer', 'attn', 'contr')
-
-def kd_position_mask(batch: dict, mode: str = 'one_to_one') -> torch.Tensor:
-    "Student positions [B,Ts] where KD applies: scored, and 1:1 (or on a shared boundary)."
-    scored = batch['student_labels'] != -100
-    return (batch['one_to_one'] if mode == 'one_to_one' else batch['s2t'] >= 0) & scored
 
 class Distiller(nn.Module):
     "Student + router with the frozen teacher alongside; forward = the weighted distillation loss of one batch."
@@ -45,7 +48,6 @@ class Distiller(nn.Module):
     def teacher(self): return self._teacher[0]
 
     def forward(self, batch: dict, weights: dict, mean_over=None):
-        from kd_kaggle.losses import fused_distill_loss, OnlineTeacher
         cfg, w = self.cfg, weights
         router_on = self.router is not None and any(w.get(t, 0) > 0 for t in ROUTER_TERMS)
         need_teacher = self.teacher is not None and (w['kd'] > 0 or router_on)
@@ -85,7 +87,6 @@ class Distiller(nn.Module):
 
     def _bucket_map(self, student_vocab: int):
         "The vocab map's bucket layout, computed once (per call it cost a unique, a bincount and host syncs)."
-        from kd_kaggle.losses import bucket_map
         if getattr(self, '_bmap', None) is None or self._bmap.teacher_bucket.device != self.vocab_map.device:
             self._bmap = bucket_map(self.vocab_map, student_vocab, self.teacher_vocab_limit)
         return self._bmap
@@ -194,9 +195,6 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
     from datetime import timedelta
-    from kd_kaggle.align import load_tokenizer, build_vocab_map, save_vocab_map, vocab_map_fingerprint, alignment_stats
-    from kd_kaggle.data import build_datasets
-    from kd_kaggle.curriculum import Curriculum
     run_dir = check_output_dir(cfg.output_dir)
     if not cfg.resume and list_checkpoints([run_dir/'checkpoints']):   # never mix a fresh run into an old one's files
         raise ValueError(f"KDConfig.output_dir={cfg.output_dir!r} already holds checkpoints of a run: pass resume='auto' "
@@ -228,7 +226,6 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     router = _build_router(cfg, student, teacher, curriculum)
     calibration = {}
     if router is not None:
-        from kd_kaggle.data import collate, epoch_order
         first = collate([train_ds[i] for i in epoch_order(len(train_ds), cfg.seed, 0)[:max(cfg.batch_size, 8)]],
                         s_tok.pad_token_id or 0, t_tok.pad_token_id or 0)
         calibration = calibrate_router(router, student, teacher, first, acc)
@@ -250,13 +247,11 @@ def _open_cache(cfg, t_tok, s_tok):
     on = [t for t in ROUTER_TERMS if max(cfg.curriculum[t]['start'], cfg.curriculum[t]['end']) > 0]
     if on: raise ValueError(f"KDConfig.teacher_cache={cfg.teacher_cache!r}: the router terms {on} need the teacher's hidden states, which "
                             "the cache does not store; list only CE and KD, e.g. --curriculum '{\"ce\": 1, \"kd\": 1}' (terms not listed are off)")
-    from kd_kaggle.cache import TeacherCache
     return TeacherCache.open(cfg.teacher_cache, cfg, t_tok, s_tok)
 
 def _build_router(cfg, student, teacher, curriculum):
     "A Router when any router term has a non-zero weight somewhere in the curriculum, else None (no parameters, no hooks)."
     if all(max(cfg.curriculum[t]['start'], cfg.curriculum[t]['end']) == 0 for t in ROUTER_TERMS): return None
-    from kd_kaggle.router import Router
     return Router.from_config(cfg, student, teacher).to(next(teacher.parameters()).device)   # the accelerator's device
 
 @torch.no_grad()
@@ -270,7 +265,6 @@ def calibrate_router(router, student, teacher, batch: dict, acc) -> dict:
     except ValueError: return {}   # too few aligned positions for a least-squares fit: keep the orthogonal init
 
 def _tok_path(name: str, role: str) -> str:
-    from kd_kaggle.models import resolve_model
     return resolve_model(name, role)
 
 # %% ../nbs/10_train.ipynb #f4038724
@@ -418,7 +412,6 @@ def _shared(acc, value):
     return broadcast_object_list([value])[0]
 
 def _eval_batches(r) -> list:
-    from kd_kaggle.data import make_loader
     if len(r.eval_ds) == 0:
         raise ValueError(f"no held-out examples: KDConfig.eval_fraction={r.cfg.eval_fraction} and no eval_data; set eval_fraction > 0 "
                          "(e.g. 0.02) or pass eval_data")
@@ -426,7 +419,6 @@ def _eval_batches(r) -> list:
     return [{k: v.to(r.acc.device) for k, v in b.items()} for b in loader]
 
 def _evaluate(r, eval_batches, teacher=True) -> dict:
-    from kd_kaggle.evaluate import evaluate
     d = _unwrapped(r)
     m = evaluate(d.student, d.teacher if teacher else None, eval_batches, r.vocab_map.to(r.acc.device), r.policy,
                  kd_positions=r.cfg.kd_positions, teacher_vocab_limit=len(r.t_tok))   # the KD term's buckets exactly
@@ -441,7 +433,6 @@ def _baseline(r, eval_batches) -> dict:
                            'agreement_before': m.get('agreement')})
 
 def _epoch_loader(r, state):
-    from kd_kaggle.data import make_loader
     loader = (r.cache.make_loader if r.cache else make_loader)(r.train_ds, r.cfg.batch_size, r.s_tok.pad_token_id or 0,
                                                                 r.t_tok.pad_token_id or 0, r.cfg.seed, state.epoch)
     loader = r.acc.prepare_data_loader(loader)
@@ -485,7 +476,6 @@ OOM_ERRORS = (getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError),)
 class Progress:
     "The training bar on stderr (`progress.progress_bar`): steps, rate, ETA and the last logged loss; main process only."
     def __init__(self, total: int, initial: int = 0, is_main: bool = True):
-        from kd_kaggle.progress import progress_bar
         self.bar = progress_bar(total, 'train', 'step', is_main, initial=initial)
     def step(self, loss: Optional[float] = None):
         "One optimizer step done (`loss`: the value just logged, shown until the next record)."
@@ -545,9 +535,9 @@ def _save(r, state, log, budget, baseline) -> None:
     models = {'student': d.student, **({'router': d.router} if d.router is not None else {})}
     extra = {'config': config_to_dict(r.cfg), 'baseline': baseline, 'curriculum': r.curriculum.state_dict(),
              'num_processes': r.acc.num_processes}
-    ck = save_checkpoint(r.run_dir/'checkpoints', _with_time(state, budget), models, r.optimizer, r.scheduler, r.acc.scaler, extra,
-                         r.cfg.keep_last, r.acc.process_index, r.acc.is_main_process, r.acc.wait_for_everyone,
-                         files={'metrics.jsonl': log.path})
+    save_checkpoint(r.run_dir/'checkpoints', _with_time(state, budget), models, r.optimizer, r.scheduler, r.acc.scaler, extra,
+                    r.cfg.keep_last, r.acc.process_index, r.acc.is_main_process, r.acc.wait_for_everyone,
+                    files={'metrics.jsonl': log.path})
     budget.record('save', time.monotonic() - t)
 
 def _with_time(state, budget) -> TrainState:
@@ -581,7 +571,6 @@ def _resume(r, log) -> dict:
         if own and (r.run_dir/'checkpoints').resolve() not in path.resolve().parents:   # its metrics would replace this run's
             raise ValueError(f"KDConfig.resume={cfg.resume!r} is a checkpoint of another run, but output_dir={str(r.run_dir)!r} "
                              f"holds checkpoints of its own (up to step {own[-1][0]}): use a new output_dir, or resume='auto'")
-    from kd_kaggle.checkpoint import read_checkpoint_meta
     saved = read_checkpoint_meta(path)
     changed = check_resume_config(saved.get('config', {}), cfg, path)
     if changed: log.say(f"kd_kaggle: resuming with a changed loss (allow_resume_changes): {'; '.join(changed)}")
@@ -665,7 +654,6 @@ def _final_metrics(run_dir: Path, meta: dict, step: int):
 
 def _write_report(r, state, log, budget, baseline, final) -> None:
     try:
-        from kd_kaggle.plots import write_report
         extra = {'state': asdict(state), 'budget_s': budget.total, 'session_s': budget.elapsed, 'baseline': baseline,
                  'total_steps': r.total_steps, 'device': r.info.name, 'processes': r.acc.num_processes}
         write_report(r.run_dir, log.history(), final, config_to_dict(r.cfg), extra)
@@ -675,9 +663,6 @@ def _write_report(r, state, log, budget, baseline, final) -> None:
 # %% ../nbs/10_train.ipynb #d320e715
 def evaluate_student_dir(cfg: KDConfig, student_dir, write_report: bool = False) -> dict:
     "Held-out metrics of the student saved in `student_dir` against `cfg.teacher` on `cfg`'s eval data."
-    from kd_kaggle.align import load_tokenizer, build_vocab_map
-    from kd_kaggle.data import build_datasets, make_loader
-    from kd_kaggle.evaluate import evaluate_saved
     sd = Path(student_dir)
     if not (sd/'config.json').is_file(): raise FileNotFoundError(f"student_dir={str(sd)!r} has no config.json: pass a dir written by save_pretrained")
     policy = choose_precision(cfg.precision)
