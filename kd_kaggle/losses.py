@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['LOG_FLOOR', 'BUCKET_DIVERGENCES', 'DIVERGENCES', 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', 'skew_reverse_kl',
-           'tvd', 'sorted_l1', 'BucketMap', 'bucket_map', 'TeacherTargets', 'teacher_bucket_logp',
+__all__ = ['LOG_FLOOR', 'BUCKET_DIVERGENCES', 'TAIL_EXACT_BELOW', 'DIVERGENCES', 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl',
+           'skew_reverse_kl', 'tvd', 'sorted_l1', 'BucketMap', 'bucket_map', 'TeacherTargets', 'teacher_bucket_logp',
            'teacher_targets_from_logits', 'student_bucket_logp', 'student_target_logp', 'KDSpec', 'kd_rows', 'KDOutput',
            'masked_mean', 'kd_loss', 'OnlineTeacher', 'DistillLossOutput', 'head_logits', 'fused_distill_loss',
            'naive_distill_loss', 'feature_loss', 'layer_loss', 'info_nce', 'attention_alignment_loss',
@@ -214,10 +214,20 @@ def student_bucket_logp(student_logq, bmap):
     tail = student_logq.index_select(1, bmap.student_unmapped).logsumexp(-1, keepdim=True)   # |unmapped| ≪ V columns
     return torch.cat([student_logq.index_select(1, bmap.mapped_ids), tail], 1)
 
+TAIL_EXACT_BELOW = 1e-2   # rest mass under which 1 − Σ top-k is done exactly: in float32 the difference would lose digits
+
 def student_target_logp(student_logq, ids):
-    "Student log-probs `[N, k+1]`: at the teacher's target ids, plus a rest bucket over every other id."
-    keep = torch.ones_like(student_logq, dtype=torch.bool).scatter_(1, ids, False)
-    return torch.cat([student_logq.gather(1, ids), _masked_logsumexp(student_logq, keep)[:, None]], 1)
+    "Student log-probs `[N, k+1]`: at the teacher's target ids, plus a rest bucket over every other id (O(k) per row)."
+    at_ids = student_logq.gather(1, ids)
+    lse_k = at_ids.logsumexp(-1)
+    exact = lse_k > math.log1p(-TAIL_EXACT_BELOW)    # the top-k hold > 99 % of the mass (or every id): no subtraction
+    rest = torch.log(-torch.expm1(torch.where(exact, torch.full_like(lse_k, -1.0), lse_k)))   # log(1 − Σ_k q)
+    if exact.any():                                  # those rows, exactly: a masked logsumexp over the other ids
+        rows = exact.nonzero().squeeze(1)
+        sub = student_logq.index_select(0, rows)
+        keep = torch.ones_like(sub, dtype=torch.bool).scatter_(1, ids.index_select(0, rows), False)
+        rest = rest.index_put((rows,), _masked_logsumexp(sub, keep))
+    return torch.cat([at_ids, rest[:, None]], 1)
 
 # %% ../nbs/05_losses.ipynb #7d3d9186
 DIVERGENCES = (*BUCKET_DIVERGENCES, 'uld', 'hybrid')
