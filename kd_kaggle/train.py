@@ -7,9 +7,9 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/train.html.md"""
 # %% ../nbs/10_train.ipynb #532fd7c1
 from __future__ import annotations
 import contextlib, json, math, os, shutil, time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
@@ -177,9 +177,33 @@ def first_ctrl_c_stops(flag: dict):
 
 
 # %% ../nbs/10_train.ipynb #56243c51
+@dataclass
 class Run:
-    "Everything `train` works with, built by `setup_run`."
-    def __init__(self, **kw): self.__dict__.update(kw)
+    "Everything `train` works with, built by `setup_run`; the last four fields change while it runs."
+    cfg: KDConfig
+    acc: Any                       # accelerate.Accelerator: devices, mixed precision, DDP
+    policy: Any                    # env.PrecisionPolicy
+    info: Any                      # env.DeviceInfo
+    run_dir: Path
+    teacher: Optional[nn.Module]   # None when training from a teacher cache
+    student: nn.Module
+    router: Optional[nn.Module]
+    distiller: nn.Module           # Distiller (wrapped by DDP on several GPUs)
+    optimizer: Any
+    scheduler: Any
+    t_tok: Any
+    s_tok: Any
+    vocab_map: torch.Tensor
+    train_ds: Any
+    eval_ds: Any
+    curriculum: Any
+    total_steps: int
+    calibration: dict
+    cache: Any                     # cache.TeacherCache or None
+    compiled: bool = False
+    callback: Optional[Callable] = None      # gets every record on the main process
+    window: Optional[tuple] = None           # (tokens, time) at the start of the current logging window
+    pending_tokens: Any = 0                  # tokens counted on the device since the last record
 
 def _total_steps(cfg: KDConfig, n_examples: int, num_processes: int) -> int:
     per_step = cfg.batch_size * cfg.grad_accum * num_processes
@@ -295,7 +319,7 @@ def train_step(r, state, batches: list, weights: dict) -> Optional[tuple]:
     acc, scaler = r.acc, getattr(r.acc, 'scaler', None)
     try: loss, parts, tokens = forward_backward(r.distiller, acc, batches, weights, r.cfg.kd_positions)
     except OOM_ERRORS: raise RuntimeError(oom_advice(r.cfg)) from None
-    r.pending_tokens = getattr(r, 'pending_tokens', 0) + tokens      # a device counter, read when a record is written
+    r.pending_tokens = r.pending_tokens + tokens      # a device counter, read when a record is written
     if scaler is None and not _all_finite(acc, loss): return _bad_step(r, state)   # fp32/bf16: the one sync of the step
     scale = scaler._scale.clone() if getattr(scaler, '_scale', None) is not None else None   # on the device: no sync
     grad_norm = acc.clip_grad_norm_(r.distiller.parameters(), r.cfg.max_grad_norm) if r.cfg.max_grad_norm else None
@@ -320,7 +344,7 @@ def _bad_step(r, state) -> None:
 
 def _flush_tokens(r, state) -> None:
     "Add the tokens counted on the device since the last flush to `state.tokens` (one host sync)."
-    if torch.is_tensor(getattr(r, 'pending_tokens', None)): state.tokens += int(r.pending_tokens)
+    if torch.is_tensor(r.pending_tokens): state.tokens += int(r.pending_tokens)
     r.pending_tokens = 0
 
 # %% ../nbs/10_train.ipynb #8758e47d
@@ -466,7 +490,7 @@ def _train_record(r, state, parts, weights, loss, grad_norm, budget) -> dict:
            'lr': r.scheduler.get_last_lr()[0], 'grad_norm': float(grad_norm) if grad_norm is not None else None,
            'skipped': state.skipped_steps, 'scaler_skipped': state.scaler_skipped, 'grad_scale': _grad_scale(r.acc),
            'elapsed_s': state.train_seconds + budget.elapsed, 'budget_left_s': budget.left, 'peak_mem_gib': _peak_gib()}
-    last_tokens, last_t = getattr(r, 'window', (state.tokens, budget.start))
+    last_tokens, last_t = r.window or (state.tokens, budget.start)
     now = budget.clock(); r.window = (state.tokens, now)
     rec['tok_s'] = (state.tokens - last_tokens) / max(now - last_t, 1e-9)   # over the last logging window
     return rec
@@ -607,7 +631,7 @@ def _header(r, log, state, budget) -> None:
     teacher = f"{n(r.teacher):.1f}M, {str(r.policy.teacher_dtype).replace('torch.', '')}" if r.teacher is not None else f"cached in {c.teacher_cache}"
     log.say(f"kd_kaggle: teacher {c.teacher} ({teacher}) -> "
             f"student {c.student} ({n(r.student):.1f}M) on {r.info.name} x{r.acc.num_processes}, precision {r.policy.mixed}"
-            f"{', torch.compile (the first steps compile)' if getattr(r, 'compiled', False) else ''}")
+            f"{', torch.compile (the first steps compile)' if r.compiled else ''}")
     if r.router is not None:
         r2 = ', '.join(f"{k} {v:.2f}" for k, v in r.calibration.items()) or 'not calibrated'
         log.say(f"kd_kaggle: router {r.router.num_parameters() / 1e6:.2f}M parameters (lr {c.router_lr}), least-squares init R^2: {r2}")
@@ -634,7 +658,7 @@ def _final_eval_and_report(r, state, log, eval_batches, budget, baseline) -> dic
     if final.get('student_bpb_before') is not None and 'student_bpb' in final: final['bpb_gain'] = final['student_bpb_before'] - final['student_bpb']
     rec = {'step': state.step, **{f'eval_{k}': v for k, v in final.items() if isinstance(v, (int, float))}}
     log.write(rec)
-    if getattr(r, 'callback', None): r.callback(rec)   # the live plot gets the final point too
+    if r.callback: r.callback(rec)   # the live plot gets the final point too
     atomic_write_text(r.run_dir/FINAL_METRICS, json.dumps({'step': state.step, **final}, indent=1, default=str))
     _write_report(r, state, log, budget, baseline, final)
     log.say(f"kd_kaggle: {state.stop_reason} at step {state.step}: student bpb {baseline.get('student_bpb_before') or float('nan'):.3f} -> "
