@@ -20,8 +20,8 @@ and report held-out bits per byte on Persuasion (never trained on; bpb is compar
     PYTHONPATH=. PYTHONUNBUFFERED=1 python benchmarks/quality.py --out $OUT --deadline 560 2>&1 | tee $OUT/log.txt
 
 The script writes quality-<date>.json/.md/.png into --out after every arm, so a run cut short still leaves its results.
-Without `datasets` installed (the GPU image lacks it), carry the wheels (see the md) or the script falls back to a
-minimal in-memory stand-in for the few `datasets` calls kd_kaggle.data makes (logged when used).
+Without `datasets` installed (the GPU image lacks it), carry its wheels (datasets, dill, multiprocess) as
+benchmarks/fp16_gpu.sh does; the script stops with that advice otherwise.
 """
 from __future__ import annotations
 import argparse, json, math, os, platform, shutil, sys, time
@@ -272,7 +272,7 @@ def run_naive_arm(args, S, work, tr, ho, time_budget_s) -> dict:
     spad, tpad = r.s_tok.pad_token_id or 0, r.t_tok.pad_token_id or 0
     ev = [{k: v.to(dev) for k, v in b.items()} for b in make_loader(r.eval_ds, cfg.batch_size, spad, tpad, shuffle=False)]
     vmap = r.vocab_map.to(dev)
-    do_eval = lambda: evaluate(student, teacher, ev, vmap, r.policy, kd_positions=cfg.kd_positions)
+    do_eval = lambda: evaluate(student, teacher, ev, vmap, r.policy, kd_positions=cfg.kd_positions, teacher_vocab_limit=len(r.t_tok))
     base = do_eval()
     curve = [{'step': 0, 'tokens': 0, 'bpb': base['student_bpb']}]
     step, tokens, epoch, t_loop, last = 0, 0, 0, time.monotonic(), {}

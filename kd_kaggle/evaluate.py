@@ -91,8 +91,10 @@ def _pair_stats(s_rows, s_fn, t_rows, t_fn, vmap, chunk: int, cache: dict, limit
         if (Vs, Vt) not in cache:   # teacher rows beyond the map or the student head go to the tail, as in training
             m = torch.full((Vt,), -1, dtype=torch.long)
             n = min(Vt, len(vmap)); m[:n] = vmap[:n].long().cpu()
-            bmap = bucket_map(torch.where(m < Vs, m, -1), Vs, min(limit or Vt, Vt))   # padding rows out, as in training
-            cache[(Vs, Vt)] = (bmap.to(t_lg.device), bmap.to(s_lg.device))
+            try: bmap = bucket_map(torch.where(m < Vs, m, -1), Vs, min(limit or Vt, Vt))   # padding rows out, as in training
+            except ValueError: bmap = None   # a map training refuses too (no student tail for unmapped teacher mass)
+            cache[(Vs, Vt)] = bmap and (bmap.to(t_lg.device), bmap.to(s_lg.device))
+        if cache[(Vs, Vt)] is None: return [math.nan, math.nan, math.nan, len(s_rows)]
         t_map, s_map = cache[(Vs, Vt)]
         p_logp = teacher_bucket_logp(t_lg, t_map).to(s_lg.device)            # exactly what the KD term compares
         kl += forward_kl(p_logp, student_bucket_logp(s_lg.log_softmax(-1), s_map)).sum().item()

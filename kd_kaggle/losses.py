@@ -219,7 +219,7 @@ TAIL_EXACT_BELOW = 1e-2   # rest mass under which 1 − Σ top-k is done exactly
 def student_target_logp(student_logq, ids):
     "Student log-probs `[N, k+1]`: at the teacher's target ids, plus a rest bucket over every other id (O(k) per row)."
     at_ids = student_logq.gather(1, ids)
-    lse_k = at_ids.logsumexp(-1)
+    lse_k = at_ids.clamp_min(-1e4).logsumexp(-1)      # -inf targets: same value, zero (not NaN) gradient
     exact = lse_k > math.log1p(-TAIL_EXACT_BELOW)    # the top-k hold > 99 % of the mass (or every id): no subtraction
     rest = torch.log(-torch.expm1(torch.where(exact, torch.full_like(lse_k, -1.0), lse_k)))   # log(1 − Σ_k q)
     if exact.any():                                  # those rows, exactly: a masked logsumexp over the other ids

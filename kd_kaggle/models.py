@@ -144,17 +144,21 @@ def compile_choice(setting: str, device_type: str, capability: Optional[tuple] =
     import importlib.util
     return importlib.util.find_spec('triton') is not None
 
+_COMPILED = {'layers': 0}
+
 def compile_layers(model, backend: str = 'inductor') -> int:
-    "Compile each decoder layer of `model` in place (one shared graph; errors fall back to eager); returns how many."
+    "Compile each decoder layer of `model` in place (identical layers hit inductor's cache; errors stay eager); returns how many."
     layers = getattr(model.base_model, 'layers', None)
     if layers is None: return 0
     try:
         import torch._dynamo
         dyn = torch._dynamo.config
         dyn.suppress_errors = True   # a compiler failure runs that code eagerly instead of ending the run
-        # each layer instance can be its own cache entry: on torch 2.11 past the default limit of 8 the rest ran eagerly
+        # each layer instance is its own cache entry, once with grad (training) and once without (evaluation): on torch
+        # 2.11 past the default limit of 8 the rest ran eagerly. Every layer compiled in this process counts.
+        _COMPILED['layers'] += len(layers)
         limit = 'recompile_limit' if hasattr(dyn, 'recompile_limit') else 'cache_size_limit'   # renamed in torch 2.7
-        setattr(dyn, limit, max(getattr(dyn, limit), 8 + 2 * len(layers)))
+        setattr(dyn, limit, max(getattr(dyn, limit), 8 + 2 * _COMPILED['layers']))
         for layer in layers: layer.compile(backend=backend, dynamic=True)   # one compile per layer, whatever the batch shape
     except (AttributeError, RuntimeError) as e:   # an old torch (Module.compile is 2.2+): stay eager
         warnings.warn(f"torch.compile unavailable here ({type(e).__name__}: {e}); running eagerly")

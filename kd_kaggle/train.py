@@ -179,7 +179,7 @@ def first_ctrl_c_stops(flag: dict):
 # %% ../nbs/10_train.ipynb #56243c51
 @dataclass
 class Run:
-    "Everything `train` works with, built by `setup_run`; the last four fields change while it runs."
+    "Everything `train` works with, built by `setup_run`; the last three fields change while it runs."
     cfg: KDConfig
     acc: Any                       # accelerate.Accelerator: devices, mixed precision, DDP
     policy: Any                    # env.PrecisionPolicy
@@ -685,7 +685,7 @@ def _write_report(r, state, log, budget, baseline, final) -> None:
         log.say(f"kd_kaggle: report could not be written ({type(e).__name__}: {e}); metrics are in {log.path}")
 
 # %% ../nbs/10_train.ipynb #d320e715
-def evaluate_student_dir(cfg: KDConfig, student_dir, write_report: bool = False) -> dict:
+def evaluate_student_dir(cfg: KDConfig, student_dir) -> dict:
     "Held-out metrics of the student saved in `student_dir` against `cfg.teacher` on `cfg`'s eval data."
     sd = Path(student_dir)
     if not (sd/'config.json').is_file(): raise FileNotFoundError(f"student_dir={str(sd)!r} has no config.json: pass a dir written by save_pretrained")
@@ -699,7 +699,7 @@ def evaluate_student_dir(cfg: KDConfig, student_dir, write_report: bool = False)
                                            "set eval_fraction > 0 (e.g. 0.02) or pass eval_data")
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in make_loader(eval_ds, cfg.batch_size, s_tok.pad_token_id or 0, t_tok.pad_token_id or 0, shuffle=False)]
-    return evaluate_saved(sd, teacher, batches, vmap, policy, kd_positions=cfg.kd_positions)
+    return evaluate_saved(sd, teacher, batches, vmap, policy, kd_positions=cfg.kd_positions, teacher_vocab_limit=len(t_tok))
 
 # %% ../nbs/10_train.ipynb #7cbc3159
 def demo_config(output_dir='runs/demo', **overrides) -> KDConfig:

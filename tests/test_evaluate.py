@@ -204,3 +204,9 @@ def test_evaluation_kl_is_the_training_kd_term(tmp_path):
         pm = pair_metrics(r.student, r.teacher, [batch], r.vocab_map, teacher_vocab_limit=len(r.t_tok))
     assert int(parts['n_kd']) > 0
     assert pm['kl'] == pytest.approx(float(parts['kd_raw']), rel=1e-5)
+
+def test_a_map_without_a_student_tail_gives_nan_pair_metrics_not_an_error(data):
+    "Every student id mapped but some teacher rows not: training refuses such a map; evaluation reports NaN KL instead of failing."
+    full = torch.tensor([i if i < VS else -1 for i in range(VT)])
+    out = evaluate(_student(), _teacher(), data, full)
+    assert math.isnan(out['kl']) and out['student_bpb'] > 0
