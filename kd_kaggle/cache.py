@@ -23,7 +23,7 @@ from .progress import progress_bar
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'CACHE_VERSION', 'MANIFEST', 'ids_dtype_for', 'bytes_per_position', 'write_shard', 'open_shard',
            'file_sha256', 'kd_counts', 'model_fingerprint', 'cache_identity', 'check_cache_identity', 'batch_targets',
-           'cache_teacher', 'TeacherCache', 'IndexedDataset', 'CacheCollate', 'distill_loss_pair', 'cache_teacher_main']
+           'cache_teacher', 'TeacherCache', 'IndexedDataset', 'CacheCollate', 'cache_teacher_main']
 
 # %% ../nbs/09b_cache.ipynb #52d4d9c0
 CACHE_FORMAT, CACHE_VERSION = 'kd_kaggle.teacher_cache', 1
@@ -389,23 +389,6 @@ def _make_loader(self, ds, batch_size: int, student_pad_id: int = 0, teacher_pad
     return torch.utils.data.DataLoader(IndexedDataset(ds), batch_size=batch_size, sampler=epoch_order(len(ds), seed, epoch, shuffle),
                                        collate_fn=CacheCollate(self, student_pad_id, teacher_pad_id))
 TeacherCache.make_loader = _make_loader
-
-# %% ../nbs/09b_cache.ipynb #a1107da6
-def distill_loss_pair(batch: dict, student, teacher, vocab_map, teacher_targets: TeacherTargets, cfg: KDConfig,
-                      teacher_vocab_limit: int, top_k: Optional[int] = None) -> tuple:
-    "(online, cached) `fused_distill_loss` of `student` on `batch` as `Distiller.forward` computes them: a test/benchmark helper."
-    kd = kd_position_mask(batch, cfg.kd_positions)
-    s_last, _ = final_hidden_states(student, batch['student_input_ids'], batch['student_attention_mask'])
-    with torch.no_grad(): t_last, _ = final_hidden_states(teacher, batch['teacher_input_ids'], batch['teacher_attention_mask'])
-    b, s = kd.nonzero(as_tuple=True)
-    th, sh, labels = head_spec(teacher), head_spec(student), batch['student_labels']
-    online = OnlineTeacher(t_last[b, batch['s2t'][b, s]], th.weight, th.bias, th.scale, th.softcap)
-    rows = (labels != -100) | kd
-    kw = dict(divergence=cfg.divergence, temperature=cfg.temperature, scale_t2=cfg.t2_scaling, chunk_size=cfg.loss_chunk,
-              student_head_bias=sh.bias, logit_softcap=sh.softcap, logit_scale=sh.scale, teacher_vocab_limit=teacher_vocab_limit,
-              top_k=top_k or cfg.top_k)
-    return tuple(fused_distill_loss(s_last[rows], sh.weight, labels[rows], kd[rows], teacher=t, vocab_map=vocab_map, **kw)
-                 for t in (online, teacher_targets))
 
 # %% ../nbs/09b_cache.ipynb #c8318dae
 def cache_teacher_main(cfg: KDConfig, output=None) -> int:

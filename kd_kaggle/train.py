@@ -70,7 +70,7 @@ class Distiller(nn.Module):
         sh = head_spec(self.student)
         out = fused_distill_loss(s_last.flatten(0, 1).index_select(0, rows), sh.weight, labels.flatten().index_select(0, rows),
                                  kd_mask.flatten().index_select(0, rows), teacher=teacher_rows, check_inputs=False,
-                                 vocab_map=self._bucket_map(sh.weight.shape[0]) if teacher_rows is not None else None,
+                                 vocab_map=self._bucket_map(sh.weight.shape[0]) if isinstance(teacher_rows, OnlineTeacher) else None,
                                  divergence=cfg.divergence, temperature=cfg.temperature, scale_t2=cfg.t2_scaling,
                                  ce_weight=w['ce'], kd_weight=w['kd'] if teacher_rows is not None else 0.0,
                                  chunk_size=cfg.loss_chunk, student_head_bias=sh.bias, logit_softcap=sh.softcap,

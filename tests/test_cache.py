@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kd_kaggle.align import build_vocab_map, load_tokenizer
-from kd_kaggle.cache import (MANIFEST, TeacherCache, cache_teacher, cache_teacher_main, distill_loss_pair, file_sha256,
+from kd_kaggle.cache import (MANIFEST, TeacherCache, cache_teacher, cache_teacher_main, file_sha256,
                              kd_counts)
 from kd_kaggle.checkpoint import Budget
 from kd_kaggle.config import KDConfig, config_to_dict
@@ -17,6 +17,7 @@ from kd_kaggle.data import build_datasets, make_loader
 from kd_kaggle.demo import make_demo_student
 from kd_kaggle.models import load_teacher, resolve_model
 from kd_kaggle.data import kd_position_mask
+from kd_kaggle.train import Distiller
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD, BATCH = 8, 4          # 62 examples (of 64 texts; two 'her.' pieces score no byte) -> 8 shards of <= 8, batches of 4
@@ -73,12 +74,13 @@ def test_online_top_k_loss_equals_cached_loss(env, dtype, tol):
     for batch in list(cache.make_loader(env['train_ds'], 8, seed=5))[:2]:
         tt = batch['teacher_targets']                    # read back from disk by the collate function
         assert len(tt) == int(kd_position_mask(batch, cfg.kd_positions).sum())
-        on, off = distill_loss_pair(batch, student, teacher, vmap, tt, cfg, len(t_tok))
-        assert on.n_kd == off.n_kd == len(tt)
-        for a, b in ((on.kd_raw, off.kd_raw), (on.loss, off.loss)):
+        w = {'ce': 1.0, 'kd': 1.0}   # the trainer's own forward, with the teacher online and from the cache
+        (on_loss, on), (off_loss, off) = Distiller(student, teacher, cfg, vmap, len(t_tok))(batch, w), Distiller(student, None, cfg, None, len(t_tok))(batch, w)
+        assert on['n_kd'] == off['n_kd'] == len(tt)
+        for a, b in ((on['kd_raw'], off['kd_raw']), (on_loss, off_loss)):
             assert abs(a.item() - b.item()) <= tol * abs(a.item()), (dtype, a.item(), b.item())
-        g_on, = torch.autograd.grad(on.loss, head, retain_graph=True)
-        g_off, = torch.autograd.grad(off.loss, head)
+        g_on, = torch.autograd.grad(on_loss, head, retain_graph=True)
+        g_off, = torch.autograd.grad(off_loss, head)
         assert ((g_on - g_off).norm() / g_on.norm()).item() <= 10 * tol
 
 
