@@ -205,6 +205,7 @@ class Run:
     window: Optional[tuple] = None           # (tokens, time) at the start of the current logging window
     pending_tokens: Any = 0                  # tokens counted on the device since the last record
 
+# %% ../nbs/10_train.ipynb #e64d36e5
 def _total_steps(cfg: KDConfig, n_examples: int, num_processes: int) -> int:
     per_step = cfg.batch_size * cfg.grad_accum * num_processes
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * n_examples / per_step))
@@ -214,6 +215,7 @@ def _schedule(cfg, optimizer, total_steps):
     name = {'cosine': 'cosine', 'linear': 'linear', 'constant': 'constant_with_warmup'}[cfg.lr_schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
 
+# %% ../nbs/10_train.ipynb #d0d77731
 def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     "Load models, tokenizers, vocab map, datasets, router, optimizer and scheduler for `cfg`."
     from accelerate import Accelerator
@@ -265,6 +267,7 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
                train_ds=train_ds, eval_ds=eval_ds, curriculum=curriculum, total_steps=total, calibration=calibration, cache=cache,
                compiled=compiled)
 
+# %% ../nbs/10_train.ipynb #c74ba48e
 def _open_cache(cfg, t_tok, s_tok):
     "The offline teacher cache of `cfg` (verified against this run), or None when the teacher runs online."
     if not cfg.teacher_cache: return None
@@ -466,7 +469,7 @@ def _stop_reason(r, state, budget, ctrl_c=None) -> str:
     if state.step >= r.total_steps: return 'done'
     return _shared(r.acc, 'interrupted' if (ctrl_c or {}).get('stop') else 'budget' if budget.should_stop() else '')
 
-# %% ../nbs/10_train.ipynb #32d85c9c
+# %% ../nbs/10_train.ipynb #1d9ecd73
 def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
@@ -497,6 +500,7 @@ def _train_record(r, state, parts, weights, loss, grad_norm, budget) -> dict:
 
 OOM_ERRORS = (getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError),)
 
+# %% ../nbs/10_train.ipynb #b6ace26e
 class Progress:
     "The training bar on stderr (`progress.progress_bar`): steps, rate, ETA and the last logged loss; main process only."
     def __init__(self, total: int, initial: int = 0, is_main: bool = True):
@@ -527,6 +531,7 @@ def _console_line(r, state, rec, budget) -> str:
     return (f"step {state.step}/{r.total_steps} ({100 * state.step / r.total_steps:.0f}%) | loss {rec['loss']:.3f} | {terms} | "
             f"{rec['tok_s'] / 1e3:.1f}k tok/s | eta {format_duration(eta)} | budget left {format_duration(budget.left)}")
 
+# %% ../nbs/10_train.ipynb #97aa0f0a
 def _eval_and_maybe_stop(r, state, log, eval_batches, budget, callback) -> str:
     "Evaluate, keep the best student, and return 'early_stop' when patience is exhausted."
     t = time.monotonic()
@@ -625,6 +630,7 @@ def _records_upto(text: str, step: int) -> list:
         if rec.get('step', 0) <= step: out.append(line)
     return out
 
+# %% ../nbs/10_train.ipynb #2e172ea8
 def _header(r, log, state, budget) -> None:
     n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     c = r.cfg
@@ -639,6 +645,7 @@ def _header(r, log, state, budget) -> None:
             f"{c.batch_size}x{c.grad_accum}x{r.acc.num_processes} sequences, budget {format_duration(budget.total)}, "
             f"console line every {log.print_every} steps, metrics in {log.path}")
 
+# %% ../nbs/10_train.ipynb #957162aa
 def _finish(r, state, log, eval_batches, budget, baseline, stop) -> dict:
     "Final checkpoint and saved student first, then the final evaluation and the report: a failing eval never costs the weights."
     state.done = stop in ('done', 'early_stop'); state.stop_reason = stop
