@@ -46,15 +46,10 @@ def nvidia_smi_gpus() -> Optional[list]:
     except ValueError: return None   # an old driver without compute_cap: ask torch instead
     return gpus or None
 
-@contextlib.contextmanager
 def nvml_cuda_checks():
-    "Inside, torch answers `cuda.is_available()` (also inside `get_arch_list`) from NVML: the runtime's answer poisons forks."
-    old = os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK')
-    os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'
-    try: yield
-    finally:
-        if old is None: del os.environ['PYTORCH_NVML_BASED_CUDA_CHECK']
-        else: os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = old
+    "Inside, torch answers `cuda.is_available()` from NVML: the CUDA runtime's answer poisons later forks."
+    from accelerate.utils import patch_environment
+    return patch_environment(PYTORCH_NVML_BASED_CUDA_CHECK='1')
 
 def fork_safe_cuda_available() -> bool:
     "`torch.cuda.is_available()` answered by NVML: plain `is_available` calls cuInit, after which forked GPU workers fail."
