@@ -15,8 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .env import quiet_hf, hf_offline
 
 # %% auto #0
-__all__ = ['resolve_model', 'keep_rotary_in_autocast_dtype', 'check_vocab_fits', 'load_teacher', 'load_student', 'HeadSpec',
-           'head_spec', 'final_hidden_states', 'num_layers', 'max_positions', 'compile_choice', 'compile_layers']
+__all__ = ['resolve_model', 'keep_rotary_in_autocast_dtype', 'check_vocab_fits', 'load_teacher', 'load_student',
+           'fix_zero_embedding_rows', 'HeadSpec', 'head_spec', 'final_hidden_states', 'num_layers', 'max_positions',
+           'compile_choice', 'compile_layers']
 
 # %% ../nbs/08_models.ipynb #8a1bb2e4
 def _dtype_kw(dtype) -> dict:
@@ -110,6 +111,20 @@ def load_student(name: str, seed: int = 0):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **_dtype_kw(torch.float32))
     check_vocab_fits(model, _tokenizer_len(path), 'student', name)
     return keep_rotary_in_autocast_dtype(model).train()
+
+# %% ../nbs/08_models.ipynb #cf737612
+def fix_zero_embedding_rows(model, token_ids, seed: int = 0) -> list:
+    "Re-initialise the all-zero input-embedding rows of `token_ids` (HF zeroes the pad row); returns the ids changed."
+    emb = model.get_input_embeddings().weight
+    ids = sorted({int(i) for i in token_ids if i is not None and 0 <= int(i) < emb.shape[0]})
+    zero = [i for i in ids if not emb[i].detach().any()]
+    if not zero: return []
+    live = emb.detach()[emb.detach().abs().sum(-1) > 0]
+    std = float(live.float().std()) if live.numel() else getattr(model.config, 'initializer_range', 0.02)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i in zero: emb[i].copy_(torch.randn(emb.shape[1], generator=g) * std)
+    return zero
 
 # %% ../nbs/08_models.ipynb #b9eea097
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
-from .models import load_teacher, load_student, head_spec, final_hidden_states, max_positions, compile_choice, compile_layers, resolve_model
+from .models import load_teacher, load_student, fix_zero_embedding_rows, head_spec, final_hidden_states, max_positions, compile_choice, compile_layers, resolve_model
 from .progress import is_main_process, progress_bar
 from .data import kd_position_mask, build_datasets, collate, epoch_order, make_loader
 from .cache import TeacherCache
@@ -238,6 +238,9 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     cache = _open_cache(cfg, t_tok, s_tok)
     teacher = None if cache else load_teacher(cfg.teacher, policy.teacher_dtype, acc.device)
     student = load_student(cfg.student, cfg.seed).to(acc.device)
+    if (fixed := fix_zero_embedding_rows(student, (s_tok.bos_token_id, s_tok.eos_token_id, s_tok.pad_token_id), cfg.seed)) and acc.is_main_process:
+        print(f"kd_kaggle: student embedding rows {fixed} (special tokens) were all zero, as HF initialises a pad row; "
+              "re-initialised them: at position 0 such a row makes fp16 gradients overflow at any loss scale")
     teacher_rows = cache.manifest['teacher_rows'] if cache else teacher.get_output_embeddings().weight.shape[0]
     check_model_limits(cfg, student.get_output_embeddings().weight.shape[0], max_positions(student),
                        cache.manifest['teacher_max_positions'] if cache else max_positions(teacher))
