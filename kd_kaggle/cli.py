@@ -65,7 +65,9 @@ def cmd_align_report(args) -> int:
 
 def cmd_train(args) -> int:
     from kd_kaggle.train import train
-    train(config_from_args(args))
+    from accelerate import PartialState
+    try: train(config_from_args(args))
+    finally: PartialState().destroy_process_group()   # `accelerate launch` workers: no NCCL "not destroyed" warning at exit
     return 0
 
 def cmd_eval(args) -> int:
