@@ -74,8 +74,9 @@ def gold_dataset(texts, student_tok, seq_len: int, max_examples=None):
 
 def make_gold_trainer(teacher_dir, student_dir, texts, *, mode='uld', batch_size=2, seq_len=1024, steps=10, lr=3e-4,
                       seed=0, precision='fp32', output_dir='/tmp/gold_peer_out', hybrid_weights=(0.6, 0.4), beta=0.0,
-                      ce_weight=0.0, grad_ckpt=False, max_examples=None, logging_steps=None):
-    "A GOLDTrainer distilling teacher_dir -> student_dir (different tokenizers) off-policy on `texts`."
+                      ce_weight=0.0, grad_ckpt=False, max_examples=None, logging_steps=None, rows=None, grad_accum=1):
+    """A GOLDTrainer distilling teacher_dir -> student_dir (different tokenizers) off-policy on `texts` (packed, see
+    gold_dataset; max_examples=0 keeps every window), or on `rows` of {'prompt', 'completion'} given as they are."""
     assert mode in ('uld', 'hybrid') and precision in ('fp16', 'bf16', 'fp32')
     GOLDConfig, GOLDTrainer = _gold()
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -91,7 +92,7 @@ def make_gold_trainer(teacher_dir, student_dir, texts, *, mode='uld', batch_size
     hybrid = mode == 'hybrid'
     w_m, w_u = hybrid_weights if (hybrid and hybrid_weights) else (None, None)
     args = GOLDConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, max_steps=steps,
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_steps=steps,
         learning_rate=lr, weight_decay=0.01, lr_scheduler_type='cosine', warmup_steps=0.03, max_grad_norm=1.0, seed=seed,
         fp16=precision == 'fp16', bf16=precision == 'bf16', gradient_checkpointing=grad_ckpt,
         max_length=seq_len, max_completion_length=max(1, seq_len // 2),   # the latter only bounds generation (unused)
@@ -103,7 +104,8 @@ def make_gold_trainer(teacher_dir, student_dir, texts, *, mode='uld', batch_size
         dataloader_drop_last=True, dataloader_pin_memory=torch.cuda.is_available(),
         report_to='none', save_strategy='no', disable_tqdm=True, log_level='error',
         logging_strategy='steps' if logging_steps else 'no', logging_steps=logging_steps or 10)
-    ds = gold_dataset(texts, tok, seq_len, max_examples or batch_size * steps)
+    from datasets import Dataset
+    ds = Dataset.from_list(rows) if rows is not None else gold_dataset(texts, tok, seq_len, batch_size * grad_accum * steps if max_examples is None else max_examples)
     trainer = GOLDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok, train_dataset=ds)
     trainer.remove_callback(PrinterCallback)                                # quiet: logs stay in state.log_history
     return trainer

@@ -211,6 +211,8 @@ def make_student(args, S, s_tok, out_dir: Path) -> dict:
                       bos_token_id=s_tok.bos_token_id, eos_token_id=s_tok.eos_token_id, pad_token_id=s_tok.pad_token_id,
                       **S['student'])
     model = LlamaForCausalLM(cfg)
+    from kd_kaggle.models import fix_zero_embedding_rows   # HF zeroes the pad (= bos = eos) row: see 08_models
+    fix_zero_embedding_rows(model, (s_tok.bos_token_id, s_tok.eos_token_id, s_tok.pad_token_id), args.seed)
     n = sum(p.numel() for p in model.parameters()); ne = model.get_input_embeddings().weight.numel()
     with quiet_hf():
         model.save_pretrained(out_dir, safe_serialization=True); s_tok.save_pretrained(out_dir)
@@ -256,16 +258,16 @@ def run_trainer_arm(args, S, work, tr, ho, arm, time_budget_s) -> dict:
             'curriculum': cfg.curriculum, 'divergence': cfg.divergence}
 
 
-def run_naive_arm(args, S, work, tr, ho, time_budget_s) -> dict:
-    "The seed's KD: teacher logits truncated to the student vocab, position i vs i, T=4, x T^2, plus CE; train()'s optimizer/schedule."
+def run_naive_arm(cfg, time_budget_s, micro_batch=None) -> dict:
+    """The seed's KD: teacher logits truncated to the student vocab, position i vs i, T=4, x T^2, plus CE; train()'s
+    optimizer/schedule, data order and evaluation (`cfg` = the ce_only arm's KDConfig; its output_dir is emptied).
+    `micro_batch`: forward/backward each batch in parts of this many sequences (the seed's full logits need it on a T4)."""
     import torch, torch.nn.functional as F
     from kd_kaggle.train import setup_run
     from kd_kaggle.data import make_loader
     from kd_kaggle.evaluate import evaluate
     from kd_kaggle.losses import seed_naive_kd_loss
-    run_dir = work / 'runs' / 'naive_kd'
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = base_config(args, S, work, tr, ho, output_dir=str(run_dir), **arm_overrides('naive_kd'))
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
     t_wall = time.monotonic()
     r = setup_run(cfg)                      # same seed, student init, datasets, AdamW groups, warmup+cosine as train()
     acc, student, teacher, dev = r.acc, r.student, r.teacher, r.acc.device
@@ -280,30 +282,37 @@ def run_naive_arm(args, S, work, tr, ho, time_budget_s) -> dict:
     student.train()
     while not stop:
         for batch in make_loader(r.train_ds, cfg.batch_size, spad, tpad, cfg.seed, epoch):
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            with acc.autocast():
-                s_logits = student(input_ids=batch['student_input_ids'], attention_mask=batch['student_attention_mask'],
-                                   use_cache=False).logits
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=batch['teacher_input_ids'], attention_mask=batch['teacher_attention_mask'],
+            full = {k: v.to(dev) for k, v in batch.items()}
+            n = full['student_input_ids'].shape[0]; mb = micro_batch or n
+            n_labels = (full['student_labels'] != -100).sum().clamp(min=1)
+            loss = ce = kd_raw = 0.0
+            for s0 in range(0, n, mb):   # each part's loss weighted by its share of the batch: the step equals one pass over all
+                batch = {k: v[s0:s0 + mb] for k, v in full.items()}
+                with acc.autocast():
+                    s_logits = student(input_ids=batch['student_input_ids'], attention_mask=batch['student_attention_mask'],
                                        use_cache=False).logits
-            labels = batch['student_labels']
-            ce = F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-            L = min(s_logits.shape[1], t_logits.shape[1])
-            mask = (labels[:, :L] != -100) & batch['teacher_attention_mask'][:, :L].bool()
-            kd = seed_naive_kd_loss(s_logits[:, :L], t_logits[:, :L], temperature=4.0, mask=mask)
-            loss = ce + kd.loss
-            acc.backward(loss)
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=batch['teacher_input_ids'], attention_mask=batch['teacher_attention_mask'],
+                                           use_cache=False).logits
+                labels = batch['student_labels']
+                part_ce = F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction='sum') / n_labels
+                L = min(s_logits.shape[1], t_logits.shape[1])
+                mask = (labels[:, :L] != -100) & batch['teacher_attention_mask'][:, :L].bool()
+                kd = seed_naive_kd_loss(s_logits[:, :L], t_logits[:, :L], temperature=4.0, mask=mask)
+                share = mask.sum() / max(1, int(((full['student_labels'][:, :L] != -100) & full['teacher_attention_mask'][:, :L].bool()).sum()))
+                part = part_ce + kd.loss * share
+                acc.backward(part)
+                loss = loss + part.detach(); ce = ce + part_ce.detach(); kd_raw = kd_raw + kd.raw.detach() * share
+                del s_logits, t_logits
             gn = acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             r.optimizer.step(); r.scheduler.step(); r.optimizer.zero_grad(set_to_none=True)
-            step += 1; tokens += int(batch['student_attention_mask'].sum())
-            del s_logits, t_logits
+            step += 1; tokens += int(full['student_attention_mask'].sum())
             if step % cfg.log_every == 0 or step == r.total_steps:
                 el = time.monotonic() - t_loop
-                last = {'step': step, 'tokens': tokens, 'ce': float(ce.detach()), 'kd_raw': float(kd.raw), 'loss': float(loss.detach()),
+                last = {'step': step, 'tokens': tokens, 'ce': float(ce.detach()), 'kd_raw': float(kd_raw), 'loss': float(loss.detach()),
                         'grad_norm': float(gn), 'tok_s': tokens / max(el, 1e-9)}
                 if step % cfg.print_every == 0:
-                    say(f"naive_kd step {step}/{r.total_steps} | loss {float(loss):.3f} | ce {float(ce):.3f} kd_raw {float(kd.raw):.4f} | "
+                    say(f"naive_kd step {step}/{r.total_steps} | loss {float(loss):.3f} | ce {float(ce):.3f} kd_raw {float(kd_raw):.4f} | "
                         f"{last['tok_s'] / 1e3:.1f}k tok/s")
             if step >= r.total_steps: stop = 'done'
             elif time.monotonic() - t_wall > time_budget_s: stop = 'budget'
@@ -606,7 +615,7 @@ def main(argv=None):
         say(f"=== arm {arm} ({left:.0f}s left)")
         t = time.monotonic()
         try:
-            res = run_naive_arm(args, S, work, tr, ho, left - 10) if arm == 'naive_kd' else run_trainer_arm(args, S, work, tr, ho, arm, left - 10)
+            res = run_naive_arm(base_config(args, S, work, tr, ho, output_dir=str(work / 'runs' / arm), **arm_overrides(arm)), left - 10) if arm == 'naive_kd' else run_trainer_arm(args, S, work, tr, ho, arm, left - 10)
         except Exception as e:
             import traceback
             tb = traceback.format_exc(); say(f"arm {arm} FAILED:\n{tb}")
