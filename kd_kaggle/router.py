@@ -6,7 +6,7 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/router.html.md"""
 
 # %% ../nbs/06_router.ipynb #2dfb150f
 from __future__ import annotations
-import math, warnings
+import math, sys, warnings
 from functools import partial
 from typing import Optional, Sequence
 import torch
@@ -15,8 +15,8 @@ from .losses import feature_loss, layer_loss, info_nce, attention_alignment_loss
 
 # %% auto #0
 __all__ = ['ROUTER_TERMS', 'check_alignment', 'aligned_positions', 'aligned_rows', 'fake_aligned_batch', 'rms_normalize',
-           'teacher_index', 'default_layer_map', 'model_name', 'decoder_layers', 'check_layer', 'AttentionCapture',
-           'pool_by_chunk', 'Router']
+           'teacher_index', 'default_layer_map', 'model_name', 'decoder_layers', 'check_layer', 'model_rope',
+           'AttentionCapture', 'pool_by_chunk', 'Router']
 
 # %% ../nbs/06_router.ipynb #cfc2790b
 def _shape(x): return 'x'.join(map(str, x.shape)) if hasattr(x, 'shape') else repr(x)
@@ -143,12 +143,22 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 def _apply_rope(x, cos, sin):
-    "Rotary embedding on x [B, T, H, d] with cos/sin [B, T, r] (r <= d: partial rotary leaves the rest as is)."
+    "Rotary embedding on x [B, T, H, d] with cos/sin [B, T, r] (r <= d: partial rotary leaves the rest as is); the fallback of `model_rope`."
     r = cos.shape[-1]
     cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
     if r == x.shape[-1]: return x * cos + _rotate_half(x) * sin
     xr, xp = x[..., :r], x[..., r:]
     return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
+
+def model_rope(attn):
+    "(x [B, T, H, d], cos, sin [B, T, r]) -> x rotated by the model's own `apply_rotary_pos_emb` (from `attn`'s modeling module)."
+    fn = getattr(sys.modules.get(type(attn).__module__), 'apply_rotary_pos_emb', None)
+    if fn is None: return _apply_rope                   # a model family without the usual helper: the same formula, ours
+    def rope(x, cos, sin):
+        cos, sin, r = cos.to(x.dtype), sin.to(x.dtype), cos.shape[-1]
+        if r == x.shape[-1]: return fn(x, x, cos, sin, unsqueeze_dim=2)[0]
+        return torch.cat((fn(x[..., :r], x[..., :r], cos, sin, unsqueeze_dim=2)[0], x[..., r:]), dim=-1)   # partial rotary
+    return rope
 
 class AttentionCapture:
     "Context manager hooking chosen layers' q/k so `probs` can recompute their attention under any attention backend."
@@ -160,6 +170,7 @@ class AttentionCapture:
         if self.layers and not hasattr(self.base, 'rotary_emb'):
             raise ValueError(f"{self.name} has no `rotary_emb`: attention capture supports rotary (Llama/Qwen2-style) models only")
         self.q, self.k, self.rope, self.calls, self._handles = {}, {}, {}, 0, []
+        self.rope_fn = model_rope(next(iter(self.modules.values()))) if self.modules else _apply_rope
 
     def _attention_module(self, block, l):
         attn = getattr(block, 'self_attn', None)
@@ -215,14 +226,14 @@ class AttentionCapture:
         q, k = self.q[l].reshape(B, T, -1, hd), self.k[l].reshape(B, T, -1, hd)
         cos, sin = self.rope[l]
         if cos.shape[0] != B: cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
-        return q, _apply_rope(k, cos, sin), cos, sin, getattr(attn, 'scaling', hd ** -0.5)
+        return q, self.rope_fn(k, cos, sin), cos, sin, getattr(attn, 'scaling', hd ** -0.5)
 
     def probs(self, layer: int, rows: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         "Attention probabilities [B, H, M, T] of captured `layer` at query positions `rows` [B, M] (default: all), in fp32."
         q, k, cos, sin, scale = self._qk(layer)
         B, T, H, d = q.shape
         if rows is None: rows = torch.arange(T, device=q.device).expand(B, T)
-        q = _apply_rope(q.gather(1, rows[..., None, None].expand(-1, -1, H, d)),
+        q = self.rope_fn(q.gather(1, rows[..., None, None].expand(-1, -1, H, d)),
                         cos.gather(1, rows[..., None].expand(-1, -1, cos.shape[-1])),
                         sin.gather(1, rows[..., None].expand(-1, -1, sin.shape[-1])))
         G = H // k.shape[2]  # grouped-query attention: G query heads share one key head
