@@ -5,7 +5,7 @@ on the Austen training novels, then train the same Llama-architecture student (r
 from the same init, on the same batches in the same order, for the same number of steps, under five recipes:
 
   ce_only   gold CE only (the student trained alone)                    kd_kaggle.train.train, curriculum ce=1, kd=0
-  naive_kd  the seed's id-indexed, position-indexed KD at T=4 (x T^2)   custom loop, same batches/optimizer/schedule
+  naive_kd  the seed's id-indexed, position-indexed KD at T=4 (x T^2)   train(), KDConfig(kd_method='seed_naive')
             + CE: KL(softmax(teacher[:, :Vs]/4) || softmax(student/4)) at position i vs i
   kd_only   aligned projected forward KL with tail bucket + CE          train(), curriculum ce=1, kd=1, router terms 0
   default   KDConfig()'s default curriculum (router feat/layer/attn     train(), KDConfig().curriculum
@@ -95,7 +95,8 @@ def base_config(args, S, work, tr, ho, **over):
 def arm_overrides(arm: str) -> dict:
     from kd_kaggle.config import router_curriculum
     ce_kd = {'ce': 1.0, 'kd': 1.0}
-    if arm in ('ce_only', 'naive_kd'): return dict(curriculum={'ce': 1.0, 'kd': 0.0})
+    if arm == 'ce_only': return dict(curriculum={'ce': 1.0, 'kd': 0.0})
+    if arm == 'naive_kd': return dict(curriculum=ce_kd, kd_method='seed_naive', temperature=4.0)
     if arm == 'kd_only': return dict(curriculum=ce_kd)
     if arm == 'uld': return dict(curriculum=ce_kd, divergence='uld')
     cur = router_curriculum()   # the 'default' arm = the router recipe (the library default until this experiment moved it to CE + KD)
@@ -256,75 +257,6 @@ def run_trainer_arm(args, S, work, tr, ho, arm, time_budget_s) -> dict:
             'tokens_seen': int(last.get('tokens', 0)), 'curve': curve_from_records(recs, final.get('student_bpb_before')),
             'train_tail': {k: last.get(k) for k in ('ce', 'kd_raw', 'feat', 'layer', 'attn', 'loss', 'tok_s', 'peak_mem_gib', 'skipped', 'scaler_skipped', 'grad_scale')},
             'curriculum': cfg.curriculum, 'divergence': cfg.divergence}
-
-
-def run_naive_arm(cfg, time_budget_s, micro_batch=None) -> dict:
-    """The seed's KD: teacher logits truncated to the student vocab, position i vs i, T=4, x T^2, plus CE; train()'s
-    optimizer/schedule, data order and evaluation (`cfg` = the ce_only arm's KDConfig; its output_dir is emptied).
-    `micro_batch`: forward/backward each batch in parts of this many sequences (the seed's full logits need it on a T4)."""
-    import torch, torch.nn.functional as F
-    from kd_kaggle.train import setup_run
-    from kd_kaggle.data import make_loader
-    from kd_kaggle.evaluate import evaluate
-    from kd_kaggle.losses import seed_naive_kd_loss
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    t_wall = time.monotonic()
-    r = setup_run(cfg)                      # same seed, student init, datasets, AdamW groups, warmup+cosine as train()
-    acc, student, teacher, dev = r.acc, r.student, r.teacher, r.acc.device
-    spad, tpad = r.s_tok.pad_token_id or 0, r.t_tok.pad_token_id or 0
-    ev = [{k: v.to(dev) for k, v in b.items()} for b in make_loader(r.eval_ds, cfg.batch_size, spad, tpad, shuffle=False)]
-    vmap = r.vocab_map.to(dev)
-    do_eval = lambda: evaluate(student, teacher, ev, vmap, r.policy, kd_positions=cfg.kd_positions, teacher_vocab_limit=len(r.t_tok))
-    base = do_eval()
-    curve = [{'step': 0, 'tokens': 0, 'bpb': base['student_bpb']}]
-    step, tokens, epoch, t_loop, last = 0, 0, 0, time.monotonic(), {}
-    stop = ''
-    student.train()
-    while not stop:
-        for batch in make_loader(r.train_ds, cfg.batch_size, spad, tpad, cfg.seed, epoch):
-            full = {k: v.to(dev) for k, v in batch.items()}
-            n = full['student_input_ids'].shape[0]; mb = micro_batch or n
-            n_labels = (full['student_labels'] != -100).sum().clamp(min=1)
-            loss = ce = kd_raw = 0.0
-            for s0 in range(0, n, mb):   # each part's loss weighted by its share of the batch: the step equals one pass over all
-                batch = {k: v[s0:s0 + mb] for k, v in full.items()}
-                with acc.autocast():
-                    s_logits = student(input_ids=batch['student_input_ids'], attention_mask=batch['student_attention_mask'],
-                                       use_cache=False).logits
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=batch['teacher_input_ids'], attention_mask=batch['teacher_attention_mask'],
-                                           use_cache=False).logits
-                labels = batch['student_labels']
-                part_ce = F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction='sum') / n_labels
-                L = min(s_logits.shape[1], t_logits.shape[1])
-                mask = (labels[:, :L] != -100) & batch['teacher_attention_mask'][:, :L].bool()
-                kd = seed_naive_kd_loss(s_logits[:, :L], t_logits[:, :L], temperature=4.0, mask=mask)
-                share = mask.sum() / max(1, int(((full['student_labels'][:, :L] != -100) & full['teacher_attention_mask'][:, :L].bool()).sum()))
-                part = part_ce + kd.loss * share
-                acc.backward(part)
-                loss = loss + part.detach(); ce = ce + part_ce.detach(); kd_raw = kd_raw + kd.raw.detach() * share
-                del s_logits, t_logits
-            gn = acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            r.optimizer.step(); r.scheduler.step(); r.optimizer.zero_grad(set_to_none=True)
-            step += 1; tokens += int(full['student_attention_mask'].sum())
-            if step % cfg.log_every == 0 or step == r.total_steps:
-                el = time.monotonic() - t_loop
-                last = {'step': step, 'tokens': tokens, 'ce': float(ce.detach()), 'kd_raw': float(kd_raw), 'loss': float(loss.detach()),
-                        'grad_norm': float(gn), 'tok_s': tokens / max(el, 1e-9)}
-                if step % cfg.print_every == 0:
-                    say(f"naive_kd step {step}/{r.total_steps} | loss {float(loss):.3f} | ce {float(ce):.3f} kd_raw {float(kd_raw):.4f} | "
-                        f"{last['tok_s'] / 1e3:.1f}k tok/s")
-            if step >= r.total_steps: stop = 'done'
-            elif time.monotonic() - t_wall > time_budget_s: stop = 'budget'
-            if step % cfg.eval_every == 0 or stop:
-                m = do_eval(); curve.append({'step': step, 'tokens': tokens, 'bpb': m['student_bpb']})
-            if stop: break
-        else: epoch += 1
-    final = m
-    final['student_bpb_before'] = base['student_bpb']
-    if device_is_cuda(): last['peak_mem_gib'] = torch.cuda.max_memory_allocated() / 2**30
-    return {'final': final, 'wall_s': time.monotonic() - t_wall, 'steps': step, 'tokens_seen': tokens, 'curve': curve,
-            'train_tail': last, 'stop': stop, 'curriculum': {'ce': 1.0, 'seed_kd_T4': 1.0}, 'divergence': 'seed id-indexed KL, T=4, x T^2'}
 
 
 def device_is_cuda():
@@ -526,8 +458,7 @@ def main(argv=None):
     import torch, transformers
     from kd_kaggle.align import load_tokenizer
     from kd_kaggle.data import build_datasets, make_loader
-    from kd_kaggle.env import choose_precision, quiet_hf
-    from kd_kaggle.evaluate import evaluate
+    from kd_kaggle.env import choose_precision
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dev_name = torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU ({platform.processor() or platform.machine()})'
     policy = choose_precision(args.precision)
@@ -562,7 +493,6 @@ def main(argv=None):
 
     # teacher held-out bpb, measured once with the product's evaluate (bf16 teacher as the trainer loads it)
     from kd_kaggle.models import load_teacher
-    from kd_kaggle.align import build_vocab_map
     teacher = load_teacher(str(work / 'teacher'), policy.teacher_dtype, device)
     ev = [{k: v.to(device) for k, v in b.items()} for b in make_loader(eval_ds, S['batch'], s_tok.pad_token_id or 0, t_tok.pad_token_id or 0, shuffle=False)]
     from kd_kaggle.evaluate import lm_metrics
@@ -615,7 +545,7 @@ def main(argv=None):
         say(f"=== arm {arm} ({left:.0f}s left)")
         t = time.monotonic()
         try:
-            res = run_naive_arm(base_config(args, S, work, tr, ho, output_dir=str(work / 'runs' / arm), **arm_overrides(arm)), left - 10) if arm == 'naive_kd' else run_trainer_arm(args, S, work, tr, ho, arm, left - 10)
+            res = run_trainer_arm(args, S, work, tr, ho, arm, left - 10)
         except Exception as e:
             import traceback
             tb = traceback.format_exc(); say(f"arm {arm} FAILED:\n{tb}")

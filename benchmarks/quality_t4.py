@@ -16,7 +16,7 @@ What runs (all numbers come from kd_kaggle's own code paths except GOLD, which i
                 response-only loss, metric = response bits per byte.
   arms: ce_only   KDConfig(curriculum={'ce': 1, 'kd': 0})                         kd_kaggle.train.train
         default   KDConfig() as shipped (CE + aligned projected forward KL)       kd_kaggle.train.train
-        naive_kd  the seed's id-indexed KD, T=4 x T^2, + CE                       benchmarks/quality.run_naive_arm
+        naive_kd  the seed's id-indexed KD, T=4 x T^2, + CE                       train(), KDConfig(kd_method='seed_naive')
         gold_uld, gold_hybrid  TRL GOLD off-policy, ULD / hybrid                  benchmarks/gold_peer.train_gold
         ablations of default: kd_w3 (KD weight 3), ce_half (CE weight 0.5), t2 (temperature 2)
   Same steps x batch x seq_len for every arm of a data set (equal student tokens up to GOLD's own packing and EOS).
@@ -74,14 +74,18 @@ def prepare_data(work: Path, data_dir: Path, S: dict) -> dict:
 
 
 def arm_config(a, S, work: Path, files: dict, data: str, arm: str, seed: int, run_dir: Path):
-    "The KDConfig of one job (GOLD and naive_kd jobs use the ce_only one for data and evaluation)."
+    "The KDConfig of one job (GOLD jobs use the ce_only one for data and evaluation)."
     from kd_kaggle.config import KDConfig
     cur = {'ce': 1.0, 'kd': 1.0}
     over = {'ce_only': dict(curriculum={'ce': 1.0, 'kd': 0.0}), 'default': {}, 'kd_w3': dict(curriculum={'ce': 1.0, 'kd': 3.0}),
-            'ce_half': dict(curriculum={'ce': 0.5, 'kd': 1.0}), 't2': dict(curriculum=cur, temperature=2.0)}
-    o = over.get(arm, over['ce_only'])
+            'ce_half': dict(curriculum={'ce': 0.5, 'kd': 1.0}), 't2': dict(curriculum=cur, temperature=2.0),
+            'naive_kd': dict(curriculum=cur, kd_method='seed_naive', temperature=4.0)}
+    o = dict(over.get(arm, over['ce_only']))
+    o['batch_size'], o['grad_accum'] = S['batch'], 1
+    if arm == 'naive_kd' and getattr(a, 'naive_micro_batch', None):   # the seed's full logits need a smaller micro-batch
+        o['batch_size'], o['grad_accum'] = a.naive_micro_batch, S['batch'] // a.naive_micro_batch
     return KDConfig(teacher=str(work / 'teacher'), student=str(work / f'student_s{seed}'), data=files[f'{data}_train'],
-                    eval_data=files[f'{data}_heldout'], seq_len=S['seq_len'], batch_size=S['batch'], max_steps=a.steps, lr=a.lr,
+                    eval_data=files[f'{data}_heldout'], seq_len=S['seq_len'], max_steps=a.steps, lr=a.lr,
                     max_train_examples=S['max_train_examples'], max_eval_examples=S['max_eval_examples'], eval_every=a.eval_every,
                     save_every=100_000, log_every=10, print_every=max(1, a.steps // 4), precision=a.precision, seed=seed,
                     compile='off', cache_dir=str(work / 'data_cache'), output_dir=str(run_dir), time_budget='60m', **o)
@@ -151,11 +155,6 @@ def run_job(a, S, work: Path, spec: str) -> dict:
     cfg = arm_config(a, S, work, info['files'], data, arm, seed, run_dir)
     t0 = time.monotonic()
     if arm.startswith('gold_'): return gold_job(a, S, work, info, cfg, data, arm, seed, t0)
-    if arm == 'naive_kd':
-        import quality
-        res = quality.run_naive_arm(cfg, 3600, micro_batch=a.naive_micro_batch)
-        return _row(data, arm, seed, res['final'], res['tokens_seen'], time.monotonic() - t0,
-                    {'steps': res['steps'], 'curve': res['curve'], 'train_tail': res['train_tail']})
     from kd_kaggle.train import train
     import quality
     final = train(cfg)

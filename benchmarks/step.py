@@ -13,16 +13,16 @@ Variants (same model files, same data, same batch sizes):
   default  `kd_kaggle.train.setup_run(KDConfig(...))` + `kd_kaggle.train.train_step`: exactly the trainer's step
   cached   the same with `teacher_cache` (built first by `kd_kaggle.cache.cache_teacher`, top-64): no teacher on the GPU
   *_eager  the same with KDConfig(compile='off') (default and cached compile their decoder layers on a CUDA GPU)
-  naive    the seed's step: full student and teacher logits, id-truncated KL at T=4 x T^2 (`losses.seed_naive_kd_loss`)
+  naive    the seed's step: full student and teacher logits, id-truncated KL at T=4 x T^2 (KDConfig(kd_method='seed_naive'),
+           through the same train_step)
            + CE, on the same models, optimizer, scaler and autocast as `default` (the loss is the only difference)
 Rows: {variant, pair, batch, seq, tok_s, peak_gib, kernel_ms, gemm_ms, oom, ...}: tok_s = real (non-pad) student tokens per
 wall second; kernel_ms = summed CUDA kernel time of one step (torch.profiler), gemm_ms its GEMM part; host_syncs = calls
 of cudaStreamSynchronize/cudaDeviceSynchronize/cudaMemcpy (D2H) per step; pad_frac = padded share of the student batch.
 """
-import argparse, gc, json, os, re, statistics, sys, tempfile, time, traceback
+import argparse, gc, json, re, statistics, sys, tempfile, time, traceback
 from pathlib import Path
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO/'benchmarks'))
@@ -61,25 +61,6 @@ def batches_of(r, b: int, n: int) -> list:
         out.append({k: v.to(r.acc.device) if hasattr(v, 'to') else v for k, v in batch.items()})
         if len(out) == n: break
     return out
-
-def naive_step(r):
-    "The seed's step on the run's models/optimizer/scaler: full logits both sides, T=4 id-truncated KL + CE."
-    from kd_kaggle.losses import seed_naive_kd_loss
-    student, teacher, acc = r.student, r.teacher, r.acc
-    def step(batch):
-        with acc.autocast():
-            s = student(input_ids=batch['student_input_ids'], attention_mask=batch['student_attention_mask'], use_cache=False).logits
-            with torch.no_grad():
-                t = teacher(input_ids=batch['teacher_input_ids'], attention_mask=batch['teacher_attention_mask'], use_cache=False).logits
-            n = min(s.shape[1], t.shape[1])
-            mask = batch['student_attention_mask'][:, :n].bool() & batch['teacher_attention_mask'][:, :n].bool()
-            kd = seed_naive_kd_loss(s[:, :n], t[:, :n], temperature=4.0, mask=mask).loss
-            ce = F.cross_entropy(s.float().reshape(-1, s.shape[-1]), batch['student_labels'].reshape(-1), ignore_index=-100)
-            loss = ce + kd
-        acc.backward(loss)
-        acc.clip_grad_norm_(student.parameters(), r.cfg.max_grad_norm)
-        r.optimizer.step(); r.optimizer.zero_grad(set_to_none=True)
-    return step
 
 def library_step(r):
     "The trainer's own step (kd_kaggle.train.train_step) with the curriculum's weights at 50 % progress."
@@ -172,6 +153,8 @@ def main():
                     max_train_examples=max(batch_sizes) * (args.warmup + args.steps) + 64, cache_dir=str(work/f'data-{pair}'))
         for variant in args.variants.split(','):
             cfg_kw = {**base, 'output_dir': str(work/f'{pair}-{variant}'), 'compile': 'off' if variant.endswith('_eager') else 'auto'}
+            if variant.startswith('naive'):   # the seed's KD through the trainer's own step (KDConfig.kd_method)
+                cfg_kw.update(kd_method='seed_naive', temperature=4.0, curriculum={'ce': 1.0, 'kd': 1.0})
             if variant.startswith('cached'):
                 from kd_kaggle.cache import cache_teacher
                 cfg_kw['top_k'] = 64
@@ -180,7 +163,7 @@ def main():
             try: r = run_for(KDConfig(**cfg_kw))
             except Exception as e:
                 rows.append(dict(variant=variant, pair=pair, error=f'setup: {type(e).__name__}: {e}'[:300])); traceback.print_exc(); continue
-            step = naive_step(r) if variant == 'naive' else library_step(r)
+            step = library_step(r)
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
                 for b in batch_sizes:
                     row = measure(variant, pair, r, step, b, args); rows.append(row)

@@ -10,7 +10,7 @@ import contextlib, hashlib, json, os
 from pathlib import Path
 from typing import Optional
 import numpy as np, torch
-from .config import KDConfig, atomic_write_text, check_model_limits, format_duration, parse_duration
+from .config import KDConfig, atomic_write_text, atomic_write_bytes, check_model_limits, format_duration, parse_duration
 from .losses import TeacherTargets, head_logits, teacher_targets_from_logits, bucket_map, OnlineTeacher, fused_distill_loss
 from .data import kd_position_mask, data_cache_key, make_loader, build_datasets, collate, epoch_order
 from .models import resolve_model, head_spec, final_hidden_states, max_positions, load_teacher
@@ -48,12 +48,7 @@ def write_shard(path, arrays: dict, metadata: Optional[dict] = None) -> dict:
     path = Path(path)
     meta = {'kd_kaggle': json.dumps(metadata, sort_keys=True)} if metadata else None   # one key: safetensors orders several at random
     data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True); raise
+    atomic_write_bytes(path, data)
     return {'file': path.name, 'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
 
 def open_shard(path) -> dict:

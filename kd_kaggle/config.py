@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses, json, math, os, re, tempfile
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 # %% auto #0
 __all__ = ['SCHEDULE_KINDS', 'LOSS_TERMS', 'DIVERGENCES', 'parse_duration', 'format_duration', 'default_curriculum',
            'router_curriculum', 'check_schedule', 'KDConfig', 'validate_config', 'check_model_limits',
-           'atomic_write_text', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config', 'add_config_args',
-           'config_from_args']
+           'atomic_write_text', 'atomic_write_bytes', 'config_to_dict', 'config_from_dict', 'save_config',
+           'load_config', 'add_config_args', 'config_from_args']
 
 # %% ../nbs/00_config.ipynb #ab9d124d
 _DURATION = re.compile(r'^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$')
@@ -115,6 +115,8 @@ class KDConfig:
     skew_alpha: float = _f(0.1, "alpha of skew KL (DistiLLM)")
     top_k: Optional[int] = _f(None, "teacher top-k buckets (+ rest bucket); None = dense over all mapped ids")
     kd_positions: str = _f('one_to_one', "one_to_one (next tokens span the same bytes) | boundary (same prefix)")
+    kd_method: str = _f('aligned', "aligned (the above) | seed_naive (the failed seed's KD, id i vs id i at position i vs i: "
+                                   "a benchmark baseline, wrong across tokenizers, full logits in memory)")
     loss_chunk: int = _f(1024, "positions per chunk in the fused lm_head+loss (memory ~ chunk x vocab)")
     curriculum: dict = _f(default_curriculum(), "per-term weight schedules over progress (ce, kd, feat, layer, attn, contr); terms not listed are off")
     feature_loss: str = _f('cosine', "cosine | nmse for feature/layer terms")
@@ -187,6 +189,9 @@ def validate_config(c: KDConfig) -> None:
     if c.top_k is not None and c.divergence in ('uld', 'hybrid'):
         _bad('top_k', c.top_k, f"cannot be combined with divergence={c.divergence!r} (ULD compares full distributions)", None)
     _check_choice(c, 'kd_positions', ('one_to_one', 'boundary'))
+    _check_choice(c, 'kd_method', ('aligned', 'seed_naive'))
+    if c.kd_method == 'seed_naive' and c.teacher_cache:
+        _bad('kd_method', c.kd_method, "needs the teacher's full logits, which a teacher cache does not hold (set teacher_cache=None)", 'aligned')
     _check_int(c, 'loss_chunk', 16, 1024)
     _check_choice(c, 'feature_loss', ('cosine', 'nmse'))
     _check_num(c, 'contrastive_temperature', 0.0, 10.0, 0.1, lo_open=True)
@@ -229,11 +234,15 @@ def check_model_limits(cfg: KDConfig, student_vocab: int, student_positions: Opt
 
 # %% ../nbs/00_config.ipynb #3888b87c
 def atomic_write_text(path, text: str) -> Path:
-    "Write `text` to `path` via a temporary file and rename, so readers never see a partial file."
+    "Write `text` (UTF-8) to `path` via a temporary file and rename, so readers never see a partial file."
+    return atomic_write_bytes(path, text.encode('utf-8'))
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    "Write `data` to `path` via a temporary file, fsync and rename: the one atomic writer (configs, logs, shards, figures)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        with os.fdopen(fd, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
         umask = os.umask(0); os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file the permissions a plain open() would
         os.replace(tmp, path)

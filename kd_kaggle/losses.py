@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['LOG_FLOOR', 'BUCKET_DIVERGENCES', 'TAIL_EXACT_BELOW', 'DIVERGENCES', 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl',
-           'skew_reverse_kl', 'tvd', 'sorted_l1', 'BucketMap', 'bucket_map', 'TeacherTargets', 'teacher_bucket_logp',
+__all__ = ['LOG_FLOOR', 'BUCKET_DIVERGENCES', 'TAIL_EXACT_BELOW', 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', 'skew_reverse_kl',
+           'tvd', 'sorted_l1', 'BucketMap', 'bucket_map', 'TeacherTargets', 'teacher_bucket_logp',
            'teacher_targets_from_logits', 'student_bucket_logp', 'student_target_logp', 'KDSpec', 'kd_rows', 'KDOutput',
            'masked_mean', 'kd_loss', 'OnlineTeacher', 'DistillLossOutput', 'head_logits', 'fused_distill_loss',
            'naive_distill_loss', 'feature_loss', 'layer_loss', 'info_nce', 'attention_alignment_loss',
@@ -230,7 +230,8 @@ def student_target_logp(student_logq, ids):
     return torch.cat([at_ids, rest[:, None]], 1)
 
 # %% ../nbs/05_losses.ipynb #7d3d9186
-DIVERGENCES = (*BUCKET_DIVERGENCES, 'uld', 'hybrid')
+from .config import DIVERGENCES   # the one list (KDConfig validates against it); every name is implemented here:
+assert set(DIVERGENCES) == {*BUCKET_DIVERGENCES, 'uld', 'hybrid'}, DIVERGENCES
 
 @dataclass
 class KDSpec:

@@ -6,12 +6,12 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/plots.html.md"""
 
 # %% ../nbs/12_plots.ipynb #1f9e52a3
 from __future__ import annotations
-import io, json, math, os, re, tempfile, time
+import io, json, math, os, re, time
 from pathlib import Path
 from typing import Optional
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from .config import atomic_write_text, format_duration, parse_duration
+from .config import atomic_write_text, atomic_write_bytes, format_duration, parse_duration
 from .evaluate import generations_table, to_jsonable
 from .progress import in_notebook   # one test, shared with the progress bars
 
@@ -212,15 +212,7 @@ def plot_system(history: list, budget_s: Optional[float] = None) -> Optional[Fig
 def save_figure(fig: Figure, path, dpi: Optional[int] = None) -> Path:
     "Save `fig` as PNG at `path` atomically and release it."
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi or fig.dpi); fig.clear()
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(buf.getvalue())
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600; a report is meant to be read (and published as Kaggle output)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 # %% ../nbs/12_plots.ipynb #8856ae18
 def _fmt(v, spec: str = '.4f') -> str:

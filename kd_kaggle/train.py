@@ -13,13 +13,14 @@ from typing import Any, Callable, Optional
 import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
-from .models import load_teacher, load_student, fix_zero_embedding_rows, head_spec, final_hidden_states, max_positions, compile_choice, compile_layers, resolve_model
+from .models import load_teacher, load_student, fix_zero_embedding_rows, final_hidden_states, max_positions, compile_choice, compile_layers, resolve_model
 from .progress import is_main_process, progress_bar
-from .data import kd_position_mask, build_datasets, collate, epoch_order, make_loader
+from .data import build_datasets, collate, epoch_order, make_loader
 from .cache import TeacherCache
 from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
                                   latest_valid_checkpoint, checkpoint_candidates, default_print_every, read_checkpoint_meta)
-from .losses import fused_distill_loss, OnlineTeacher, bucket_map
+from .distill import Distiller, forward_backward
+from .router import ROUTER_TERMS
 from .align import load_tokenizer, build_vocab_map, save_vocab_map, vocab_map_fingerprint
 from .curriculum import Curriculum
 from .router import Router
@@ -27,75 +28,9 @@ from .evaluate import evaluate, evaluate_saved
 from .plots import write_report
 
 # %% auto #0
-__all__ = ['ROUTER_TERMS', 'MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'Distiller', 'check_output_dir',
-           'check_resume_config', 'oom_advice', 'lock_run_dir', 'first_ctrl_c_stops', 'Run', 'setup_run',
-           'calibrate_router', 'step_counts', 'forward_backward', 'train_step', 'train', 'Progress',
-           'evaluate_student_dir', 'demo_config']
-
-# %% ../nbs/10_train.ipynb #cc0c244d
-ROUTER_TERMS = ('feat', 'layer', 'attn', 'contr')
-
-class Distiller(nn.Module):
-    "Student + router with the frozen teacher alongside; forward = the weighted distillation loss of one batch."
-    def __init__(self, student, teacher, cfg: KDConfig, vocab_map: Optional[torch.Tensor], teacher_vocab_limit: Optional[int], router=None):
-        super().__init__()
-        self.student, self.router, self.cfg = student, router, cfg
-        self._teacher = [teacher]                      # a list: not a submodule, so DDP neither wraps nor broadcasts it
-        self.register_buffer('vocab_map', vocab_map, persistent=False)
-        self.teacher_vocab_limit = teacher_vocab_limit
-
-    @property
-    def teacher(self): return self._teacher[0]
-
-    def forward(self, batch: dict, weights: dict, mean_over=None):
-        cfg, w = self.cfg, weights
-        router_on = self.router is not None and any(w.get(t, 0) > 0 for t in ROUTER_TERMS)
-        need_teacher = self.teacher is not None and (w['kd'] > 0 or router_on)
-        cached = batch.get('teacher_targets') if self.teacher is None else None   # offline teacher cache (kd_kaggle.cache)
-        capture = (lambda m, side: self.router.capture(m, side, w)) if router_on else (lambda m, side: contextlib.nullcontext())
-        with capture(self.student, 'student') as s_cap:
-            s_last, s_all = final_hidden_states(self.student, batch['student_input_ids'], batch['student_attention_mask'], all_layers=router_on)
-        labels = batch['student_labels']
-        kd_on = w['kd'] > 0 and (need_teacher or cached is not None)
-        kd_mask = kd_position_mask(batch, cfg.kd_positions) if kd_on else torch.zeros_like(labels, dtype=torch.bool)
-        t_all, teacher_rows, t_cap = None, (cached if kd_on else None), None
-        if need_teacher:
-            with torch.no_grad(), capture(self.teacher, 'teacher') as t_cap:
-                t_last, t_all = final_hidden_states(self.teacher, batch['teacher_input_ids'], batch['teacher_attention_mask'], all_layers=router_on)
-        rows = ((labels != -100) | kd_mask).flatten().nonzero().squeeze(1)   # the step's one data-dependent shape
-        if need_teacher and kd_on:   # one teacher row per selected position (its aligned position; unused where KD is off)
-            th = head_spec(self.teacher)
-            t_at = (torch.arange(labels.shape[0], device=labels.device)[:, None] * t_last.shape[1] + batch['s2t'].clamp_min(0)).flatten()
-            teacher_rows = OnlineTeacher(t_last.flatten(0, 1).index_select(0, t_at.index_select(0, rows)), th.weight, th.bias, th.scale, th.softcap)
-        sh = head_spec(self.student)
-        out = fused_distill_loss(s_last.flatten(0, 1).index_select(0, rows), sh.weight, labels.flatten().index_select(0, rows),
-                                 kd_mask.flatten().index_select(0, rows), teacher=teacher_rows, check_inputs=False,
-                                 vocab_map=self._bucket_map(sh.weight.shape[0]) if isinstance(teacher_rows, OnlineTeacher) else None,
-                                 divergence=cfg.divergence, temperature=cfg.temperature, scale_t2=cfg.t2_scaling,
-                                 ce_weight=w['ce'], kd_weight=w['kd'] if teacher_rows is not None else 0.0,
-                                 chunk_size=cfg.loss_chunk, student_head_bias=sh.bias, logit_softcap=sh.softcap,
-                                 logit_scale=sh.scale, teacher_vocab_limit=self.teacher_vocab_limit,
-                                 check_finite=False, mean_over=mean_over, **self._kd_options())
-        loss = out.loss
-        parts = {'ce': out.ce, 'kd_raw': out.kd_raw, 'kd': out.kd, 'n_kd': out.n_kd, 'n_ce': out.n_ce}
-        if router_on:   # router terms are means over this micro-batch: weigh them by its share of the step's tokens
-            share = 1.0 if mean_over is None else out.n_ce.clamp_min(1) / torch.as_tensor(mean_over[0]).clamp_min(1)
-            terms = self.router.loss_terms(s_all, t_all, batch, w, s_cap, t_cap)
-            for name, value in terms.items():
-                loss = loss + w[name] * share * value; parts[name] = (share * value).detach()
-        return loss, parts
-
-    def _bucket_map(self, student_vocab: int):
-        "The vocab map's bucket layout, computed once (per call it cost a unique, a bincount and host syncs)."
-        if getattr(self, '_bmap', None) is None or self._bmap.teacher_bucket.device != self.vocab_map.device:
-            self._bmap = bucket_map(self.vocab_map, student_vocab, self.teacher_vocab_limit)
-        return self._bmap
-
-    def _kd_options(self) -> dict:
-        c = self.cfg
-        opts = {'beta': c.jsd_beta} if c.divergence == 'jsd' else {'alpha': c.skew_alpha} if c.divergence in ('skl', 'srkl') else {}
-        if c.top_k is not None: opts['top_k'] = c.top_k
-        return opts
+__all__ = ['MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'check_output_dir', 'check_resume_config',
+           'oom_advice', 'lock_run_dir', 'first_ctrl_c_stops', 'Run', 'setup_run', 'calibrate_router', 'train_step',
+           'train', 'Progress', 'evaluate_student_dir', 'demo_config']
 
 # %% ../nbs/10_train.ipynb #c02af191
 MUST_MATCH_ON_RESUME = ('teacher', 'student', 'data', 'eval_data', 'data_format', 'eval_fraction', 'max_train_examples', 'seq_len',
@@ -115,7 +50,7 @@ def check_output_dir(path, min_free_gib: float = 1.0) -> Path:
                       "(delete old runs, lower keep_last, or write elsewhere)")
     return p
 
-LOSS_FIELDS = ('divergence', 'temperature', 't2_scaling', 'jsd_beta', 'skew_alpha', 'top_k', 'kd_positions', 'curriculum',
+LOSS_FIELDS = ('kd_method', 'divergence', 'temperature', 't2_scaling', 'jsd_beta', 'skew_alpha', 'top_k', 'kd_positions', 'curriculum',
                'feature_loss', 'contrastive_temperature')
 
 def _router_on(curriculum: dict) -> bool:
@@ -296,28 +231,6 @@ def calibrate_router(router, student, teacher, batch: dict, acc) -> dict:
 
 def _tok_path(name: str, role: str) -> str:
     return resolve_model(name, role)
-
-# %% ../nbs/10_train.ipynb #f4038724
-def step_counts(batches: list, weights: dict, kd_positions: str = 'one_to_one', acc=None) -> torch.Tensor:
-    "Scored CE and KD positions `[2]` of one optimizer step (all micro-batches; per process under DDP, which averages)."
-    kd_on = weights.get('kd', 0) > 0
-    n = sum(torch.stack([(b['student_labels'] != -100).sum(),
-                         kd_position_mask(b, kd_positions).sum() if kd_on else b['student_labels'].new_zeros(())]) for b in batches)
-    if acc is not None and acc.num_processes > 1: n = acc.reduce(n, 'sum') / acc.num_processes
-    return n.float()
-
-def forward_backward(distiller, acc, batches: list, weights: dict, kd_positions: str = 'one_to_one') -> tuple:
-    "Forward + backward of every micro-batch of one step; (step loss, step parts, tokens on all processes: a device tensor)."
-    counts = step_counts(batches, weights, kd_positions, acc)
-    loss, parts = 0.0, {}
-    for i, batch in enumerate(batches):
-        with acc.no_sync(distiller) if i < len(batches) - 1 else contextlib.nullcontext():   # DDP syncs once, at the end
-            micro_loss, micro_parts = distiller(batch, weights, mean_over=counts)
-            acc.backward(micro_loss)
-        loss = loss + micro_loss.detach()
-        for k, v in micro_parts.items(): parts[k] = parts.get(k, 0) + v
-    tokens = sum(b['student_attention_mask'].sum() for b in batches)
-    return loss, parts, acc.reduce(tokens, 'sum') if acc.num_processes > 1 else tokens   # no .item(): no host sync
 
 # %% ../nbs/10_train.ipynb #f45ae3ab
 def train_step(r, state, batches: list, weights: dict) -> Optional[tuple]:

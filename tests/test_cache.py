@@ -17,7 +17,7 @@ from kd_kaggle.data import build_datasets, make_loader
 from kd_kaggle.demo import make_demo_student
 from kd_kaggle.models import load_teacher, resolve_model
 from kd_kaggle.data import kd_position_mask
-from kd_kaggle.train import Distiller
+from kd_kaggle.distill import Distiller
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD, BATCH = 8, 4          # 62 examples (of 64 texts; two 'her.' pieces score no byte) -> 8 shards of <= 8, batches of 4
