@@ -330,7 +330,7 @@ def teacher_logit_mask(vocab_size_rows: int, len_tok: int, device=None) -> torch
     return torch.arange(vocab_size_rows, device=device) < len_tok
 
 def project_teacher_probs(p_teacher: torch.Tensor, vocab_map: torch.Tensor, student_vocab: int):
-    "Teacher probabilities [..., Vt] → (student probabilities [..., Vs], unmapped tail mass [...])."
+    "Teacher probabilities [..., Vt] → (student probabilities [..., Vs], unmapped tail mass [...]): the reference `losses.teacher_bucket_logp` is tested against."
     vm = torch.as_tensor(vocab_map, device=p_teacher.device)
     if p_teacher.shape[-1] != vm.numel():
         raise ValueError(f"p_teacher has {p_teacher.shape[-1]} classes but vocab_map has {vm.numel()} rows: "
