@@ -183,7 +183,7 @@ def gold_job(a, S, work, info, cfg, data, arm, seed, t0) -> dict:
         fits = lambda t: max(len(tt(t).input_ids), len(st(t).input_ids)) < S['seq_len']   # GOLD refuses rows it would truncate
         rows = [{'prompt': r['prompt'], 'completion': r['output']} for r in map(_j.loads, Path(info['files']['dolly_train']).read_text().splitlines())
                 if r.get('output', '').strip() and fits(r['prompt'] + r['output'])]
-    precision = 'fp16' if a.precision == 'fp16' else ('fp32' if a.precision in ('fp32', 'auto') and not _cuda() else a.precision)
+    precision = a.precision if a.precision != 'auto' else ('bf16' if _cuda() else 'fp32')   # GOLD takes an explicit one
     import torch
     tried = []
     for accum in (2, 4, 8, 16):   # GOLD holds full fp32 logits/probabilities of both vocabularies: a user lowers the micro-batch
@@ -228,6 +228,8 @@ def drive(a, S, work: Path, out: Path, info: dict):
     res_dir = work / 'results'; res_dir.mkdir(exist_ok=True); logs = work / 'logs'; logs.mkdir(exist_ok=True)
     todo = [j for j in job_list(a) if not (res_dir / f"{j.replace(':', '-')}.json").is_file()]
     n_gpu = torch.cuda.device_count()
+    parent = os.environ.get('CUDA_VISIBLE_DEVICES')   # jobs go round the GPUs this process may use, by their names
+    visible = [d.strip() for d in parent.split(',')][:n_gpu] if parent else [str(i) for i in range(n_gpu)]
     est = {'gold': a.est_gold, 'ours': a.est_ours}
     durations = {'gold': [], 'ours': []}
     running, k, deadline = {}, 0, T0 + a.deadline
@@ -240,9 +242,10 @@ def drive(a, S, work: Path, out: Path, info: dict):
                 if fit is None: break
                 j = fit
             todo.remove(j)
-            env = {**os.environ, **({'CUDA_VISIBLE_DEVICES': str(k % n_gpu)} if n_gpu else {})}; k += 1
+            env = {**os.environ, **({'CUDA_VISIBLE_DEVICES': visible[k % n_gpu]} if n_gpu else {})}; k += 1
             cmd = [sys.executable, __file__, '--job', j, '--work', str(work), *a.passthrough]
-            running[j] = (subprocess.Popen(cmd, env=env, stdout=open(logs / f"{j.replace(':', '-')}.log", 'w'), stderr=subprocess.STDOUT), time.monotonic())
+            with open(logs / f"{j.replace(':', '-')}.log", 'w') as log:   # the child holds its own copy of the handle
+                running[j] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.monotonic())
             say(f"start {j} on gpu {env.get('CUDA_VISIBLE_DEVICES', 'cpu')} ({len(todo)} queued)")
         if not running: break
         time.sleep(1)

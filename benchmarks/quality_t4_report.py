@@ -190,11 +190,12 @@ def merge(main_json: Path, extra: list, before=None, out=None) -> dict:
     pairs in `extra` (each marked with the file they came from), plus `before` (a json whose rows are shown as a
     'before the fix' contrast only). The targets are recomputed over the merged rows."""
     doc = json.loads(Path(main_json).read_text())
-    rows = [r for r in doc['arms'] if r['arm'] != 'gold_best' and _ok(r.get('heldout_bpb'))]
-    for path, arms in extra:
+    key = lambda r: (r['data'], r['arm'], r['seed'])
+    rows = {key(r): r for r in doc['arms'] if r['arm'] != 'gold_best'}              # failed rows too: the md lists them
+    for path, arms in extra:                                                        # an extra file's finished rows win
         src = json.loads(Path(path).read_text())
-        rows += [{**r, 'run': Path(path).name} for r in src['arms'] if r['arm'] in arms and _ok(r.get('heldout_bpb'))]
-    doc['arms'] = with_gold_best(rows)
+        rows.update({key(r): {**r, 'run': Path(path).name} for r in src['arms'] if r['arm'] in arms and _ok(r.get('heldout_bpb'))})
+    doc['arms'] = with_gold_best(list(rows.values()))
     doc['summary'] = summary(doc['arms']); doc['targets'] = {d: targets(doc['summary'], d) for d in doc['summary']}
     if before:
         b = json.loads(Path(before).read_text())

@@ -190,8 +190,10 @@ def validate_config(c: KDConfig) -> None:
         _bad('top_k', c.top_k, f"cannot be combined with divergence={c.divergence!r} (ULD compares full distributions)", None)
     _check_choice(c, 'kd_positions', ('one_to_one', 'boundary'))
     _check_choice(c, 'kd_method', ('aligned', 'seed_naive'))
-    if c.kd_method == 'seed_naive' and c.teacher_cache:
-        _bad('kd_method', c.kd_method, "needs the teacher's full logits, which a teacher cache does not hold (set teacher_cache=None)", 'aligned')
+    if c.kd_method == 'seed_naive':   # the seed's KD has its own fixed recipe: settings it would ignore are refused
+        if c.teacher_cache: _bad('kd_method', c.kd_method, "needs the teacher's full logits, which a teacher cache does not hold (set teacher_cache=None)", 'aligned')
+        if c.divergence != 'fkl' or c.top_k is not None or not c.t2_scaling:
+            _bad('kd_method', c.kd_method, "is the seed's forward KL x T^2 over all ids: use divergence='fkl', top_k=None, t2_scaling=True", 'aligned')
     _check_int(c, 'loss_chunk', 16, 1024)
     _check_choice(c, 'feature_loss', ('cosine', 'nmse'))
     _check_num(c, 'contrastive_temperature', 0.0, 10.0, 0.1, lo_open=True)

@@ -83,7 +83,7 @@ class Distiller(nn.Module):
                 t_logits = self.teacher(input_ids=batch['teacher_input_ids'], attention_mask=batch['teacher_attention_mask'], use_cache=False).logits
             n = min(s_logits.shape[1], t_logits.shape[1])
             mask = (labels[:, :n] != -100) & batch['teacher_attention_mask'][:, :n].bool()
-            out = seed_naive_kd_loss(s_logits[:, :n], t_logits[:, :n], self.cfg.temperature, mask)
+            out = seed_naive_kd_loss(s_logits[:, :n], t_logits[:, :n], self.cfg.temperature, mask, check_finite=False)
             share = n_ce / step_ce                     # this micro-batch's share of the step, as for the router terms
             loss = loss + w['kd'] * share * out.loss; kd_raw, kd, n_kd = out.raw * share, (out.loss * share).detach(), mask.sum()
         return loss, {'ce': ce.detach(), 'kd_raw': kd_raw, 'kd': kd, 'n_kd': n_kd, 'n_ce': n_ce}

@@ -119,11 +119,12 @@ def fix_zero_embedding_rows(model, token_ids, seed: int = 0) -> list:
     ids = sorted({int(i) for i in token_ids if i is not None and 0 <= int(i) < emb.shape[0]})
     zero = [i for i in ids if not emb[i].detach().any()]
     if not zero: return []
-    live = emb.detach()[emb.detach().abs().sum(-1) > 0]
-    std = float(live.float().std()) if live.numel() else getattr(model.config, 'initializer_range', 0.02)
+    std = float(emb.detach().std()) or getattr(model.config, 'initializer_range', 0.02)   # a few zero rows barely move it
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for i in zero: emb[i].copy_(torch.randn(emb.shape[1], generator=g) * std)
+    lookup = model.get_input_embeddings()
+    if getattr(lookup, 'padding_idx', None) in zero: lookup.padding_idx = None   # else the row (also bos/eos) never learns from its input side
     return zero
 
 # %% ../nbs/08_models.ipynb #b9eea097

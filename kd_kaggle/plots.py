@@ -339,7 +339,7 @@ def write_report(run_dir, history, final_metrics: Optional[dict] = None, config_
     except Exception as e:   # the JSON is already written; still leave a readable markdown
         md = f'# Distillation report: {title}\n\nThe markdown report could not be formatted ({type(e).__name__}: {e}); see report.json.\n'
     path = atomic_write_text(run_dir / 'report.md', md)
-    for p in (path, run_dir / 'report.json'): os.chmod(p, 0o644)   # atomic_write_text leaves mkstemp's 0600
+    for p in (path, run_dir / 'report.json'): os.chmod(p, 0o644)   # readable by all whatever the umask: it is published as Kaggle output
     return path
 
 # %% ../nbs/12_plots.ipynb #db06a6a3
@@ -350,7 +350,7 @@ def report_parts(run_dir) -> list:
     path = Path(run_dir) / 'report.md'
     if not path.exists(): raise FileNotFoundError(f"no report at {path}: write_report(run_dir, ...) writes it at the end of training")
     parts, buf = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding='utf-8').splitlines():
         m = _IMG.match(line)
         if m and (Path(run_dir) / m.group(2)).exists():
             if buf: parts.append(('md', '\n'.join(buf))); buf = []

@@ -6,7 +6,7 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/router.html.md"""
 
 # %% ../nbs/06_router.ipynb #2dfb150f
 from __future__ import annotations
-import math, sys, warnings
+import inspect, math, sys, warnings
 from functools import partial
 from typing import Optional, Sequence
 import torch
@@ -153,7 +153,8 @@ def _apply_rope(x, cos, sin):
 def model_rope(attn):
     "(x [B, T, H, d], cos, sin [B, T, r]) -> x rotated by the model's own `apply_rotary_pos_emb` (from `attn`'s modeling module)."
     fn = getattr(sys.modules.get(type(attn).__module__), 'apply_rotary_pos_emb', None)
-    if fn is None: return _apply_rope                   # a model family without the usual helper: the same formula, ours
+    params = list(inspect.signature(fn).parameters)[:4] if fn is not None else []
+    if params != ['q', 'k', 'cos', 'sin']: return _apply_rope   # no helper, or one of another shape (Gemma 3n/4 rotate one tensor): ours
     def rope(x, cos, sin):
         cos, sin, r = cos.to(x.dtype), sin.to(x.dtype), cos.shape[-1]
         if r == x.shape[-1]: return fn(x, x, cos, sin, unsqueeze_dim=2)[0]

@@ -177,6 +177,9 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
         print(f"kd_kaggle: student embedding rows {fixed} (special tokens) were all zero, as HF initialises a pad row; "
               "re-initialised them: at position 0 such a row makes fp16 gradients overflow at any loss scale")
     teacher_rows = cache.manifest['teacher_rows'] if cache else teacher.get_output_embeddings().weight.shape[0]
+    if cfg.kd_method == 'seed_naive' and (_router_on(cfg.curriculum) or teacher_rows < student.get_output_embeddings().weight.shape[0]):
+        raise ValueError("KDConfig.kd_method='seed_naive' needs a teacher vocabulary at least as large as the student's and no router "
+                         "terms (feat/layer/attn/contr) in the curriculum; use kd_method='aligned'")
     check_model_limits(cfg, student.get_output_embeddings().weight.shape[0], max_positions(student),
                        cache.manifest['teacher_max_positions'] if cache else max_positions(teacher))
     if cfg.gradient_checkpointing:   # non-reentrant: the router's attention hooks need it
