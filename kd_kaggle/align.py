@@ -393,11 +393,12 @@ def alignment_stats(teacher_tok, student_tok, texts, vocab_map=None, teacher_pro
 
 # %% ../nbs/03_align.ipynb #676e7594
 def sample_texts(path, max_chars=200_000) -> list:
-    "An evenly spaced sample (≤ max_chars; None = all) of a .txt file's paragraphs or a .jsonl file's prompt+output rows."
+    "An evenly spaced sample (≤ max_chars; None = all) of a .txt file's paragraphs, a .jsonl file's prompt+output rows or its chat rows' assistant turns."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"text file {path} not found: pass a .txt or .jsonl file")
     from kd_kaggle.data import read_jsonl, read_text   # one reader: bad rows and bytes are one line naming file and line
-    if path.suffix == '.jsonl': texts = [r['text'] for r in read_jsonl(path)]
+    if path.suffix == '.jsonl':   # chat rows: the assistant turns, the only bytes KD runs on
+        texts = [t for r in read_jsonl(path) for t in ([m['content'] for m in r['messages'] if m['role'] == 'assistant'] if 'messages' in r else [r['text']])]
     else: texts = [p for p in re.split(r'\n\s*\n', read_text(path)) if p.strip()]
     if max_chars is None: return texts
     step, out, used = max(1, -(-sum(map(len, texts)) // max(max_chars, 1))), [], 0

@@ -86,7 +86,8 @@ class KDConfig:
     student: str = _f('demo', "student: HF id or local dir (e.g. HuggingFaceTB/SmolLM2-135M); 'demo' = embedded tiny student")
     # data
     data: str = _f('demo', "training data: .txt file/dir, .jsonl (prompt/output), HF dataset id, or 'demo'")
-    data_format: str = _f('auto', "auto | text (packed to seq_len) | instruction (prompt/response, response-only loss)")
+    data_format: str = _f('auto', "auto | text (packed to seq_len) | instruction (prompt/response, response-only loss) | chat (messages rows, assistant turns only)")
+    chat_template: Optional[str] = _f(None, "chat rows: Jinja template (text or a .jinja file) for a tokenizer that has none (default: ChatML)")
     eval_data: Optional[str] = _f(None, "held-out data (same forms as data); default: eval_fraction of data")
     eval_fraction: float = _f(0.02, "fraction of data held out when eval_data is not given")
     max_train_examples: Optional[int] = _f(None, "cap on training examples (after packing)")
@@ -166,7 +167,9 @@ def validate_config(c: KDConfig) -> None:
     for name in ('teacher', 'student', 'data', 'output_dir'):
         v = getattr(c, name)
         if not isinstance(v, str) or not v.strip(): _bad(name, v, "must be a non-empty string", 'demo')
-    _check_choice(c, 'data_format', ('auto', 'text', 'instruction'))
+    _check_choice(c, 'data_format', ('auto', 'text', 'instruction', 'chat'))
+    if c.chat_template is not None and (not isinstance(c.chat_template, str) or not c.chat_template.strip()):
+        _bad('chat_template', c.chat_template, "must be None or a non-empty Jinja template (its text, or a path to a .jinja file)", 'my_template.jinja')
     _check_num(c, 'eval_fraction', 0.0, 0.5, 0.02)
     _check_int(c, 'max_train_examples', 1, 10000, optional=True)
     _check_int(c, 'max_eval_examples', 1, 256)

@@ -10,12 +10,14 @@ import hashlib, json, math, os, random, shutil, warnings
 from pathlib import Path
 from typing import Optional
 import numpy as np, torch
+from .align import normalize_text
+from .chat import check_messages, chat_template, encode_chat
 
 # %% auto #0
 __all__ = ['EXAMPLE_KEYS', 'DATA_FORMAT_VERSION', 'read_text', 'read_paragraphs', 'instruction_record', 'row_record',
            'read_jsonl', 'load_records', 'cut_at_tokens', 'pack_to_budget', 'normalize_record', 'encode_examples',
-           'collate', 'kd_position_mask', 'data_cache_key', 'cache_problem', 'drop_message', 'build_datasets',
-           'epoch_order', 'make_loader']
+           'collate', 'kd_position_mask', 'chat_templates', 'encode_chat_examples', 'data_cache_key', 'cache_problem',
+           'drop_message', 'build_datasets', 'epoch_order', 'make_loader']
 
 # %% ../nbs/04_data.ipynb #99237230
 def read_text(path) -> str:
@@ -63,10 +65,11 @@ def instruction_record(row: dict, where: str = 'row') -> dict:
     return {'text': prompt + out, 'response_start': len(prompt)}
 
 def row_record(row, where: str = 'row') -> dict:
-    "The record of one data row: an object with a string 'text', or an instruction row (errors name `where`)."
+    "The record of one data row: an object with a string 'text', an instruction row, or a chat row with 'messages' (errors name `where`)."
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a row must be a JSON object like {{\"text\": \"...\"}} or {{\"prompt\": \"...\", \"output\": \"...\"}}, "
                          f"got {_json_type(row)}")
+    if 'messages' in row: return {'text': None, 'response_start': None, 'messages': check_messages(row['messages'], where), 'where': where}
     if 'text' not in row: return instruction_record(row, where)
     if not isinstance(row['text'], str): raise ValueError(f"{where}: field 'text' must be a string, got {_json_type(row['text'])}; fix or remove that row")
     return {'text': row['text'], 'response_start': None}
@@ -82,7 +85,10 @@ def read_jsonl(path) -> list:
     return recs
 
 # %% ../nbs/04_data.ipynb #4ba52dd5
-def _kind(recs) -> str: return 'instruction' if any(r['response_start'] is not None for r in recs) else 'text'
+def _kind(recs) -> str:
+    chat = sum('messages' in r for r in recs)
+    if 0 < chat < len(recs): raise ValueError(f"{len(recs) - chat} of {len(recs)} rows have no 'messages' while the others do: one kind of row per file")
+    return 'chat' if chat else 'instruction' if any(r['response_start'] is not None for r in recs) else 'text'
 
 def load_records(source: str, split: str = 'train', field: str = 'data') -> tuple:
     "(records, kind) for `source` (the value of KDConfig.`field`): 'demo', a .txt file or dir, a .jsonl file, or a HF dataset id."
@@ -230,6 +236,28 @@ def kd_position_mask(batch: dict, mode: str = 'one_to_one') -> torch.Tensor:
     scored = batch['student_labels'] != -100
     return (batch['one_to_one'] if mode == 'one_to_one' else batch['s2t'] >= 0) & scored
 
+# %% ../nbs/04_data.ipynb #f4d523cd
+def chat_templates(cfg, teacher_tok, student_tok, say=None) -> tuple:
+    "(teacher template, student template) for chat rows, and one line saying where each comes from."
+    (t, t_src), (s, s_src) = chat_template(teacher_tok, cfg.chat_template), chat_template(student_tok, cfg.chat_template)
+    if say: say(f"kd_kaggle: chat data: teacher in {t_src} chat template, student in {s_src}; KD and CE on the assistant turns only")
+    return t, s
+
+def encode_chat_examples(conversations: list, teacher_tok, student_tok, seq_len: int, templates: tuple, counts: Optional[dict] = None,
+                         wheres: Optional[list] = None) -> dict:
+    "Columns (dict of lists) of aligned examples for `conversations` (checked `messages` lists, from rows `wheres`); drops are added to `counts`."
+    cols, c = {k: [] for k in EXAMPLE_KEYS}, counts if counts is not None else {}
+    c['rows'] = c.get('rows', 0) + len(conversations)
+    for messages, where in zip(conversations, wheres or [f'conversation {i}' for i in range(len(conversations))]):
+        messages = [{**m, 'content': normalize_text(m['content'])} for m in messages]
+        try: ex = encode_chat(teacher_tok, student_tok, messages, seq_len, templates)
+        except ValueError as e:
+            if 'chat template' in str(e): raise ValueError(f"{where}: {e}") from None   # the template, not the row: stop, naming it
+            c['unspellable'] = c.get('unspellable', 0) + 1; c.setdefault('first_error', ' '.join(str(e).split())); continue
+        if ex is None: c['no_scored'] = c.get('no_scored', 0) + 1; continue
+        for k in EXAMPLE_KEYS: cols[k].append(np.asarray(ex[k]).astype(np.int64).tolist())
+    return cols
+
 # %% ../nbs/04_data.ipynb #42ea1fff
 DATA_FORMAT_VERSION = 4   # 3: both sides label exactly the same bytes (align.align_tokens `scored_from`); 4: packed to the budget
 
@@ -246,12 +274,13 @@ def data_cache_key(cfg, teacher_tok, student_tok) -> str:
     from kd_kaggle.align import vocab_map_fingerprint
     d = {'v': DATA_FORMAT_VERSION, 'data': _source_id(cfg.data), 'eval_data': _source_id(cfg.eval_data) if cfg.eval_data else None,
          'format': cfg.data_format, 'eval_fraction': cfg.eval_fraction, 'seq_len': cfg.seq_len, 'seed': cfg.seed,
-         'max_train': cfg.max_train_examples, 'max_eval': cfg.max_eval_examples, 'tok': vocab_map_fingerprint(teacher_tok, student_tok)}
+         'max_train': cfg.max_train_examples, 'max_eval': cfg.max_eval_examples, 'tok': vocab_map_fingerprint(teacher_tok, student_tok),
+         'chat': [cfg.chat_template, *(getattr(t, 'chat_template', None) for t in (teacher_tok, student_tok))]}   # how chat rows render
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 def _records_to_texts(records, kind, student_tok, seq_len):
-    "Pack text paragraphs into ~seq_len-token texts; instruction records pass through."
-    if kind == 'instruction': return records
+    "Pack text paragraphs into ~seq_len-token texts; instruction and chat records pass through."
+    if kind in ('instruction', 'chat'): return records
     paras = [r['text'] for r in records]
     lengths = [len(x) for x in student_tok(paras, add_special_tokens=False)['input_ids']] if paras else []
     budget = max(8, seq_len - 8)
@@ -319,7 +348,7 @@ def build_datasets(cfg, teacher_tok, student_tok, cache_dir=None, say=print) -> 
                 return train, ev
         say(f"kd_kaggle: data cache {root} is damaged ({problem}); rebuilding")
         shutil.rmtree(root, ignore_errors=True)
-    with quiet_hf(): train, ev, meta = _build_datasets(cfg, teacher_tok, student_tok, key, root)
+    with quiet_hf(): train, ev, meta = _build_datasets(cfg, teacher_tok, student_tok, key, root, say)
     if (msg := drop_message(meta, cfg.seq_len)): say(msg)
     return train, ev
 
@@ -338,11 +367,13 @@ def _all_dropped(field, value, counts, seq_len) -> str:
            "(a prompt that fills seq_len, or too short a text); use a larger seq_len or shorter prompts")
     return f"KDConfig.{field}={value!r}: all {counts.get('rows', 0)} rows were dropped: {why}"
 
-def _build_datasets(cfg, teacher_tok, student_tok, key, root) -> tuple:
+def _build_datasets(cfg, teacher_tok, student_tok, key, root, say=None) -> tuple:
     import datasets
     records, kind = load_records(cfg.data, 'train')
-    if cfg.data_format == 'instruction' and kind != 'instruction':
-        raise ValueError(f"KDConfig.data_format='instruction' but {cfg.data!r} has no prompt/output rows; use data_format='text' or 'auto'")
+    if cfg.data_format in ('instruction', 'chat') and kind != cfg.data_format:
+        raise ValueError(f"KDConfig.data_format={cfg.data_format!r} but {cfg.data!r} has no " +
+                         ("prompt/output" if cfg.data_format == 'instruction' else "'messages'") + " rows; use data_format='auto'")
+    templates = chat_templates(cfg, teacher_tok, student_tok, say) if kind == 'chat' else None
     if cfg.data_format == 'text': kind = 'text'
     train_texts = _records_to_texts(records, kind, student_tok, cfg.seq_len)
     n_texts = len(train_texts)
@@ -363,11 +394,13 @@ def _build_datasets(cfg, teacher_tok, student_tok, key, root) -> tuple:
         for name, texts in (('train', train_texts), ('eval', eval_texts)):
             c = counts[name] = {'rows': 0, 'unspellable': 0, 'no_scored': 0}
             def encode(b, c=c):
-                ex = encode_examples([{'text': t, 'response_start': s} for t, s in zip(b['text'], b['response_start'])],
-                                     teacher_tok, student_tok, cfg.seq_len, c)
-                bar.update(len(b['text'])); return ex
-            if texts: ds = datasets.Dataset.from_list(texts).map(encode, batched=True, batch_size=256, remove_columns=['text', 'response_start'],
-                                                                 new_fingerprint=f'{key}-{name}', load_from_cache_file=False)
+                if kind == 'chat': ex = encode_chat_examples([json.loads(m) for m in b['messages']], teacher_tok, student_tok, cfg.seq_len, templates, c, b['where'])
+                else: ex = encode_examples([{'text': t, 'response_start': s} for t, s in zip(b['text'], b['response_start'])],
+                                           teacher_tok, student_tok, cfg.seq_len, c)
+                bar.update(len(next(iter(b.values())))); return ex
+            rows = [{'messages': json.dumps(r['messages']), 'where': r.get('where', 'row')} for r in texts] if kind == 'chat' else texts   # Arrow-friendly
+            if texts: ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, remove_columns=list(rows[0]),
+                                                                new_fingerprint=f'{key}-{name}', load_from_cache_file=False)
             else: ds = datasets.Dataset.from_dict({k: [] for k in EXAMPLE_KEYS})
             if texts and not len(ds):
                 field = 'eval_data' if name == 'eval' and cfg.eval_data else 'data'
