@@ -30,7 +30,7 @@ def check_messages(messages, where: str = 'row') -> list:
         if m['role'] not in ROLES: raise ValueError(f"{where}: messages[{i}] has role {m['role']!r}; known roles: {', '.join(ROLES)}")
         if not isinstance(m['content'], str) or not m['content'].strip():
             raise ValueError(f"{where}: messages[{i}] ({m['role']}) has empty or non-string content; fix or remove that row")
-        out.append({'role': m['role'], 'content': m['content']})
+        out.append({'role': m['role'], 'content': m['content'].strip()})   # many templates trim: both models must see the same bytes
     if not any(m['role'] == 'assistant' for m in out): raise ValueError(f"{where}: no assistant turn, so nothing to learn from; remove that row")
     return out
 
@@ -44,55 +44,79 @@ def chat_template(tok, fallback: Optional[str] = None) -> tuple:
     return CHATML, 'the default ChatML (it has none)'
 
 # %% ../nbs/03b_chat.ipynb #f2e56dc5
+def _render(tok, messages, template) -> str:
+    try: return _as_tokenizer(tok).apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception as e:   # jinja's TemplateError, e.g. raise_exception('System role not supported')
+        raise ValueError(f"the chat template of {tok.name_or_path!r} failed on this conversation: {type(e).__name__}: {e}") from None
+
 def render_pieces(tok, messages: list, template: str) -> list:
     "The conversation rendered by `template`, cut into [(template text, None), (content, role), ..., (template text, None)]."
-    text = _as_tokenizer(tok).apply_chat_template(messages, chat_template=template, tokenize=False)
+    marks = [f'\ue000{i}\ue001' for i in range(len(messages))]   # private-use placeholders: where the template puts each content
+    skeleton = _render(tok, [{**m, 'content': k} for m, k in zip(messages, marks)], template)
     pieces, pos = [], 0
-    for i, m in enumerate(messages):
-        at = text.find(m['content'], pos)
+    for i, (m, k) in enumerate(zip(messages, marks)):
+        at = skeleton.find(k, pos)
         if at < 0: raise ValueError(f"the chat template of {tok.name_or_path!r} drops or changes messages[{i}]'s content ({m['role']}); "
-                                    "give KDConfig.chat_template one that writes every message's content as it is")
-        pieces += [(text[pos:at], None), (m['content'], m['role'])]; pos = at + len(m['content'])
-    return pieces + [(text[pos:], None)]
+                                    "a template must write every message's content as it is")
+        pieces += [(skeleton[pos:at], None), (m['content'], m['role'])]; pos = at + len(k)
+    pieces.append((skeleton[pos:], None))
+    if ''.join(p for p, _ in pieces) != _render(tok, messages, template):   # content-dependent templating (e.g. `| upper`)
+        raise ValueError(f"the chat template of {tok.name_or_path!r} changes the messages' content; a template must write it as it is")
+    return pieces
 
-def _tokenize_pieces(tok, pieces) -> tuple:
-    "ids, cumulative byte ends, dummy-prefix flags of the pieces tokenized one by one (content never shares a token with template), and each piece's token range."
-    ids, ends, dummy, ranges, off, n = [], [], [], [], 0, 0
+def _tokenize_pieces(tok, pieces, bos: Optional[int] = None) -> tuple:
+    "ids, cumulative byte ends, dummy-prefix flags of the pieces tokenized one by one (content never shares a token with template), each piece's token range and byte offset; `bos` first unless the template wrote it."
+    ids, ends, dummy, ranges, offsets, off, n = [], [], [], [], [], 0, 0
     for (piece_ids, piece_ends, piece_dummy), (text, _) in zip(_encode(_as_tokenizer(tok), [p for p, _ in pieces], False), pieces):
+        if n == 0 and bos is not None and (not len(piece_ids) or piece_ids[0] != bos):   # the student starts with its BOS, as for text
+            piece_ids, piece_ends, piece_dummy = np.r_[bos, piece_ids], np.r_[0, piece_ends], np.r_[False, piece_dummy]
         ids.append(piece_ids); ends.append(np.asarray(piece_ends, np.int64) + off); dummy.append(piece_dummy)
-        ranges.append((n, n + len(piece_ids))); n += len(piece_ids); off += len(text.encode('utf-8'))
+        ranges.append((n, n + len(piece_ids))); offsets.append(off); n += len(piece_ids); off += len(text.encode('utf-8'))
     cat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs]) if xs else np.zeros(0, dt)
-    return cat(ids, np.int64), cat(ends, np.int64), cat(dummy, bool), ranges
+    return cat(ids, np.int64), cat(ends, np.int64), cat(dummy, bool), ranges, offsets
+
+def _end_of_turn(pieces, ranges, offsets, ends, p) -> range:
+    "Token positions of the end-of-turn marker after content piece `p`: the next piece's tokens through its first line (at least one)."
+    if p + 1 >= len(pieces) or ranges[p + 1][0] == ranges[p + 1][1]: return range(0)
+    c, d = ranges[p + 1]
+    first_line = len(pieces[p + 1][0].split('\n')[0].encode('utf-8'))
+    k = c + 1 + int(np.searchsorted(ends[c + 1:d] - offsets[p + 1], first_line, 'right'))
+    return range(c, min(max(k, c + 1), d))
 
 # %% ../nbs/03b_chat.ipynb #d7003dcb
 def encode_chat(teacher_tok, student_tok, messages: list, seq_len: int, templates: tuple) -> Optional[dict]:
     "One aligned example (the columns of `data.encode_examples`) of a conversation, each model in its own template; None if no assistant turn fits seq_len."
     (t_tab, s_tab) = token_table(teacher_tok), token_table(student_tok)
-    t_ids, t_ends, t_dummy, t_rng = _tokenize_pieces(teacher_tok, render_pieces(teacher_tok, messages, templates[0]))
-    s_ids, s_ends, s_dummy, s_rng = _tokenize_pieces(student_tok, render_pieces(student_tok, messages, templates[1]))
-    turns = [2 * j + 1 for j, m in enumerate(messages) if m['role'] == 'assistant']   # content pieces sit at odd indices on both sides
-    kept = []
-    for p in turns:                                   # the turns whose end-of-turn token fits seq_len on both sides
-        if s_rng[p][1] >= seq_len or t_rng[p][1] >= seq_len: break
-        kept.append(p)
+    t_pieces, s_pieces = render_pieces(teacher_tok, messages, templates[0]), render_pieces(student_tok, messages, templates[1])
+    t_ids, t_ends, t_dummy, t_rng, t_off = _tokenize_pieces(teacher_tok, t_pieces)
+    s_ids, s_ends, s_dummy, s_rng, s_off = _tokenize_pieces(student_tok, s_pieces, _as_tokenizer(student_tok).bos_token_id)
+    turns, kept = [2 * j + 1 for j, m in enumerate(messages) if m['role'] == 'assistant'], []   # content pieces sit at odd indices
+    for p in turns:                                   # the turns whose end-of-turn marker fits seq_len on both sides
+        s_eot, t_eot = _end_of_turn(s_pieces, s_rng, s_off, s_ends, p), _end_of_turn(t_pieces, t_rng, t_off, t_ends, p)
+        if max(s_eot, default=s_rng[p][1] - 1) >= seq_len or max(t_eot, default=t_rng[p][1] - 1) >= seq_len: break
+        kept.append((p, s_eot, t_eot))
     if not kept: return None
-    ns, nt = min(len(s_ids), s_rng[kept[-1]][1] + 1), min(len(t_ids), t_rng[kept[-1]][1] + 1)   # through the last kept turn's end-of-turn token
+    ns, nt = max(kept[-1][1], default=s_rng[kept[-1][0]][1] - 1) + 1, max(kept[-1][2], default=t_rng[kept[-1][0]][1] - 1) + 1
     col = {'student_labels': np.full(ns, -100), 'student_label_bytes': np.zeros(ns, np.int64), 's2t': np.full(ns, -1),
            'one_to_one': np.zeros(ns, bool), 's_chunk': np.full(ns, -1), 'teacher_labels': np.full(nt, -100),
            'teacher_label_bytes': np.zeros(nt, np.int64), 't_chunk': np.full(nt, -1)}
     chunks = 0
-    for p in kept:
+    for p, s_eot, t_eot in kept:
         (a, b), (ta, tb) = s_rng[p], t_rng[p]
         if a == 0 or ta == 0: raise ValueError("the chat template writes nothing before an assistant turn: no token predicts its first token")
         # the content alone, with a zero-length stand-in for the template token before it (which predicts the first content token)
-        al = align_tokens(np.r_[0, s_ends[a:b] - s_ends[a - 1]], np.r_[0, t_ends[ta:tb] - t_ends[ta - 1]], None, same_bytes=True)
-        for side, ids, ends, lo, mask, n in (('student', s_ids, s_ends, a - 1, al['loss_mask'], ns), ('teacher', t_ids, t_ends, ta - 1, al['teacher_loss_mask'], nt)):
+        al = align_tokens(np.r_[0, s_ends[a:b] - s_off[p]], np.r_[0, t_ends[ta:tb] - t_off[p]], None, same_bytes=True)
+        for side, ids, ends, lo, mask, eot in (('student', s_ids, s_ends, a - 1, al['loss_mask'], s_eot),
+                                               ('teacher', t_ids, t_ends, ta - 1, al['teacher_loss_mask'], t_eot)):
             g = np.flatnonzero(mask) + lo
             col[f'{side}_labels'][g] = ids[g + 1]; col[f'{side}_label_bytes'][g] = ends[g + 1] - ends[g]
-            eot = b if side == 'student' else tb
-            if eot < n: col[f'{side}_labels'][eot - 1] = ids[eot]   # the end-of-turn token: learnt, 0 content bytes
+            for k in eot: col[f'{side}_labels'][k - 1] = ids[k]   # the end-of-turn marker: learnt, 0 content bytes
         hit = np.flatnonzero(al['s2t'] >= 0)
         col['s2t'][hit + a - 1] = al['s2t'][hit] + ta - 1
+        if len(al['s2t']) > 1 and al['s2t'][0] < 0:   # the stand-ins share byte 0: both template tokens predict the reply's first token
+            col['s2t'][a - 1] = ta - 1
+            al['one_to_one'][0] = s_ends[a] - s_off[p] == t_ends[ta] - t_off[p]
+            al['s2t'][0] = 0
         i = np.flatnonzero(al['one_to_one']); sn, tn = i + a, al['s2t'][i] + ta   # the next tokens, as align_batch checks them
         col['one_to_one'][i + a - 1] = (s_dummy[sn] == t_dummy[tn]) & (s_tab.added[s_ids[sn]] == t_tab.added[t_ids[tn]])
         for key, loc, lo in (('s_chunk', al['s_chunk'], a - 1), ('t_chunk', al['t_chunk'], ta - 1)):

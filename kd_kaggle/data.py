@@ -275,7 +275,7 @@ def data_cache_key(cfg, teacher_tok, student_tok) -> str:
     d = {'v': DATA_FORMAT_VERSION, 'data': _source_id(cfg.data), 'eval_data': _source_id(cfg.eval_data) if cfg.eval_data else None,
          'format': cfg.data_format, 'eval_fraction': cfg.eval_fraction, 'seq_len': cfg.seq_len, 'seed': cfg.seed,
          'max_train': cfg.max_train_examples, 'max_eval': cfg.max_eval_examples, 'tok': vocab_map_fingerprint(teacher_tok, student_tok),
-         'chat': [cfg.chat_template, *(getattr(t, 'chat_template', None) for t in (teacher_tok, student_tok))]}   # how chat rows render
+         'chat': [chat_template(t, cfg.chat_template)[0] for t in (teacher_tok, student_tok)]}   # how chat rows render (a .jinja file's text)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 def _records_to_texts(records, kind, student_tok, seq_len):
@@ -374,10 +374,17 @@ def _build_datasets(cfg, teacher_tok, student_tok, key, root, say=None) -> tuple
         raise ValueError(f"KDConfig.data_format={cfg.data_format!r} but {cfg.data!r} has no " +
                          ("prompt/output" if cfg.data_format == 'instruction' else "'messages'") + " rows; use data_format='auto'")
     templates = chat_templates(cfg, teacher_tok, student_tok, say) if kind == 'chat' else None
+    if cfg.data_format == 'text' and kind == 'chat':
+        raise ValueError(f"KDConfig.data_format='text' but {cfg.data!r} holds chat rows ('messages'); use data_format='auto' or 'chat'")
     if cfg.data_format == 'text': kind = 'text'
     train_texts = _records_to_texts(records, kind, student_tok, cfg.seq_len)
     n_texts = len(train_texts)
-    if cfg.eval_data: eval_texts = _records_to_texts(load_records(cfg.eval_data, 'train', 'eval_data')[0], kind, student_tok, cfg.seq_len)
+    if cfg.eval_data:
+        eval_records, eval_kind = load_records(cfg.eval_data, 'train', 'eval_data')
+        if (eval_kind == 'chat') != (kind == 'chat'):
+            raise ValueError(f"KDConfig.eval_data={cfg.eval_data!r} holds {'chat' if eval_kind == 'chat' else eval_kind} rows but data has "
+                             f"{kind} rows: held-out data must be of the same kind")
+        eval_texts = _records_to_texts(eval_records, kind, student_tok, cfg.seq_len)
     elif cfg.data == 'demo': eval_texts = _records_to_texts(load_records('demo', 'heldout')[0], kind, student_tok, cfg.seq_len)
     else: train_texts, eval_texts = _split(train_texts, cfg.eval_fraction, cfg.seed)   # after packing: a one-paragraph file still splits
     train_texts, eval_texts = train_texts[:cfg.max_train_examples], eval_texts[:cfg.max_eval_examples]

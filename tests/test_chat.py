@@ -35,7 +35,7 @@ def test_chat_data_scores_only_assistant_turns(tmp_path):
     for ex in train_ds:
         scored = [(l, b) for l, b in zip(ex['student_labels'], ex['student_label_bytes']) if l != -100]
         replies = conversations[squash(s_tok.decode([l for l, b in scored if b > 0]))]   # exactly one row's assistant replies ...
-        assert sum(b == 0 for _, b in scored) == len(replies)                              # ... one end-of-turn token after each
+        assert squash(s_tok.decode([l for l, b in scored if b == 0])) == '<|im_end|>' * len(replies)   # ... and the end marker after each
         assert sum(ex['student_label_bytes']) == sum(ex['teacher_label_bytes']) == len(''.join(replies).encode())
 
 
@@ -69,3 +69,31 @@ def test_align_report_on_chat_rows_reads_assistant_turns():
     assert sample_texts(CHAT, None) == replies
     stats = align_report(resolve_model('demo', 'teacher'), resolve_model('demo', 'student'), CHAT)
     assert stats['texts'] > 10 and stats['one_to_one_fraction'] > 0.3
+
+
+def test_chat_training_with_the_real_tokenizers(tmp_path):
+    "Qwen2's tokenizer (its own chat template, default system turn) -> SmolLM2's (no template: ChatML), tiny random models."
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True)
+    for name, cls, cfg_cls, tk in (('teacher', Qwen2ForCausalLM, Qwen2Config, 'qwen2'), ('student', LlamaForCausalLM, LlamaConfig, 'smollm2')):
+        tok = load_tokenizer(REPO/'tests'/'fixtures'/'tokenizers'/tk)
+        cls(cfg_cls(vocab_size=len(tok), **dims)).save_pretrained(tmp_path/name); tok.save_pretrained(tmp_path/name)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        final = train(chat_cfg(tmp_path, teacher=str(tmp_path/'teacher'), student=str(tmp_path/'student'), seq_len=512, max_steps=2))
+    assert 'teacher in its own chat template, student in the default ChatML' in out.getvalue()
+    assert math.isfinite(final['student_bpb']) and final['aligned_positions'] > 100 and final['scored_bytes'] > 1000
+
+
+def test_chat_kind_mismatches_and_template_file_in_the_cache_key(tmp_path):
+    from kd_kaggle.data import data_cache_key
+    t_tok, s_tok = load_tokenizer(resolve_model('demo', 'teacher')), load_tokenizer(resolve_model('demo', 'student'))
+    with pytest.raises(ValueError, match="data_format='text' but .* holds chat rows"):
+        build_datasets(chat_cfg(tmp_path, data_format='text'), t_tok, s_tok, say=None)
+    txt = tmp_path/'heldout.txt'; txt.write_text('Some held-out prose.\n\nAnd more of it.\n')
+    with pytest.raises(ValueError, match='held-out data must be of the same kind'):
+        build_datasets(chat_cfg(tmp_path, eval_data=str(txt)), t_tok, s_tok, say=None)
+    jinja = tmp_path/'t.jinja'; jinja.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    key = data_cache_key(chat_cfg(tmp_path, chat_template=str(jinja)), t_tok, s_tok)
+    jinja.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")   # same path, new template
+    assert data_cache_key(chat_cfg(tmp_path, chat_template=str(jinja)), t_tok, s_tok) != key
