@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 import torch, torch.nn as nn
 from .config import KDConfig, check_model_limits, config_to_dict, save_config, atomic_write_text, parse_duration, format_duration
-from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, free_disk_gib, needs_repeat_kv, use_repeat_kv_for_sdpa
+from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, needs_repeat_kv, use_repeat_kv_for_sdpa
 from .models import load_teacher, load_student, fix_zero_embedding_rows, final_hidden_states, max_positions, compile_choice, compile_layers, resolve_model
 from .progress import is_main_process, progress_bar
 from .data import build_datasets, collate, epoch_order, make_loader
@@ -20,6 +20,8 @@ from .cache import TeacherCache
 from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
                                   latest_valid_checkpoint, checkpoint_candidates, default_print_every, read_checkpoint_meta)
 from .distill import Distiller, forward_backward
+from .guards import (check_output_dir, check_resume_config, oom_advice, lock_run_dir, first_ctrl_c_stops,
+                               _router_on)
 from .router import ROUTER_TERMS
 from .align import load_tokenizer, build_vocab_map, save_vocab_map, vocab_map_fingerprint
 from .curriculum import Curriculum
@@ -28,88 +30,8 @@ from .evaluate import evaluate, evaluate_saved
 from .plots import write_report
 
 # %% auto #0
-__all__ = ['MUST_MATCH_ON_RESUME', 'LOSS_FIELDS', 'OOM_ERRORS', 'FINAL_METRICS', 'check_output_dir', 'check_resume_config',
-           'oom_advice', 'lock_run_dir', 'first_ctrl_c_stops', 'Run', 'setup_run', 'calibrate_router', 'train_step',
-           'train', 'Progress', 'evaluate_student_dir', 'demo_config']
-
-# %% ../nbs/10_train.ipynb #c02af191
-MUST_MATCH_ON_RESUME = ('teacher', 'student', 'data', 'eval_data', 'data_format', 'eval_fraction', 'max_train_examples', 'seq_len',
-                        'batch_size', 'lr', 'router_lr', 'lr_schedule', 'warmup_ratio', 'seed', 'layer_map', 'attn_layers')
-
-def check_output_dir(path, min_free_gib: float = 1.0) -> Path:
-    "Create `path` if needed; error if it is not writable or its disk is nearly full."
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p/f'.write_test-{os.getpid()}'; probe.write_text('ok'); probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"KDConfig.output_dir={str(path)!r} is not writable ({e.strerror}); on Kaggle use /kaggle/working/<run>") from None
-    free = free_disk_gib(p)
-    if free < min_free_gib:
-        raise OSError(f"KDConfig.output_dir={str(path)!r}: only {free:.2f} GiB free; checkpoints need >= {min_free_gib} GiB "
-                      "(delete old runs, lower keep_last, or write elsewhere)")
-    return p
-
-LOSS_FIELDS = ('kd_method', 'divergence', 'temperature', 't2_scaling', 'jsd_beta', 'skew_alpha', 'top_k', 'kd_positions', 'curriculum',
-               'feature_loss', 'contrastive_temperature')
-
-def _router_on(curriculum: dict) -> bool:
-    "Whether a (serialised) curriculum gives any router term a non-zero weight somewhere."
-    return any(max(curriculum.get(t, {}).get('start', 0), curriculum.get(t, {}).get('end', 0)) > 0 for t in ROUTER_TERMS)
-
-def check_resume_config(saved: dict, cfg: KDConfig, where) -> list:
-    "Error listing the fields where `cfg` differs from the checkpoint's config `saved`; loss changes pass only on request."
-    now = config_to_dict(cfg)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in MUST_MATCH_ON_RESUME if saved.get(k) != now[k]]
-    if diff:
-        raise ValueError(f"cannot resume from {where}: the config differs in " + '; '.join(diff) +
-                         ". Use the same values to continue, or a new output_dir (resume=None) to start over")
-    if 'curriculum' in saved and _router_on(saved['curriculum']) != _router_on(now['curriculum']):   # never, even on request
-        was = 'with' if _router_on(saved['curriculum']) else 'without'
-        raise ValueError(f"cannot resume from {where}: it was trained {was} the router (feat/layer/attn/contr terms) and this "
-                         "curriculum turns it " + ('off' if was == 'with' else 'on') + ": the router's weights and optimizer state "
-                         "cannot be added or dropped mid-run. Keep those terms as they were, or start a new output_dir")
-    loss = [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in LOSS_FIELDS if k in saved and saved[k] != now[k]]
-    if loss and not getattr(cfg, 'allow_resume_changes', False):
-        raise ValueError(f"cannot resume from {where}: the loss differs in " + '; '.join(loss) + ". Use the same values to "
-                         "continue the same objective, or set allow_resume_changes=True (--allow-resume-changes true) to change it on purpose")
-    return loss
-
-def oom_advice(cfg: KDConfig) -> str:
-    "What to change after a CUDA out-of-memory error."
-    half = max(1, cfg.batch_size // 2)
-    return (f"CUDA out of memory at batch_size={cfg.batch_size}, seq_len={cfg.seq_len}. Try --batch-size {half} --grad-accum "
-            f"{cfg.grad_accum * cfg.batch_size // half} (same effective batch), --gradient-checkpointing true, a smaller "
-            f"--loss-chunk {max(64, cfg.loss_chunk // 2)}, or a teacher cache (--teacher-cache) so the teacher is not in GPU memory")
-
-# %% ../nbs/10_train.ipynb #65765a59
-def lock_run_dir(path):
-    "Hold an exclusive lock on `path`/.lock for this run (an open file: close it to release); one-line error if taken."
-    import fcntl, socket
-    f = open(Path(path)/'.lock', 'a+')
-    try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0); who = f.read().strip() or 'another process'; f.close()
-        raise RuntimeError(f"KDConfig.output_dir={str(path)!r} is in use by another run ({who}): wait for it to finish, "
-                           "stop it, or choose another output_dir") from None
-    f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"); f.flush()
-    return f
-
-@contextlib.contextmanager
-def first_ctrl_c_stops(flag: dict):
-    "Within the block, the first SIGINT/SIGTERM sets `flag['stop']` (stop after this step); another one 2 s later interrupts."
-    import signal, threading
-    if threading.current_thread() is not threading.main_thread(): yield; return
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    def on_signal(signum, frame):   # no I/O here: the signal may land inside a write
-        if 'stop' not in flag: flag.update(stop=signal.Signals(signum).name, at=time.monotonic())
-        elif time.monotonic() - flag['at'] > 2: raise KeyboardInterrupt   # a repeat within 2 s is the launcher forwarding it
-    for sig, h in old.items():
-        if h is not signal.SIG_IGN: signal.signal(sig, on_signal)
-    try: yield
-    finally:
-        for sig, h in old.items(): signal.signal(sig, h)
-
+__all__ = ['OOM_ERRORS', 'FINAL_METRICS', 'Run', 'setup_run', 'calibrate_router', 'train_step', 'train', 'Progress',
+           'evaluate_student_dir', 'demo_config']
 
 # %% ../nbs/10_train.ipynb #56243c51
 @dataclass

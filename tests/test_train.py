@@ -104,8 +104,8 @@ def test_bad_input_gives_one_clear_error(tmp_path, name):
     with pytest.raises(exc, match=msg): train(make(tmp_path))
 
 def test_disk_nearly_full(tmp_path, monkeypatch):
-    import kd_kaggle.train as tr
-    monkeypatch.setattr(tr, 'free_disk_gib', lambda p: 0.2)
+    import kd_kaggle.guards as guards
+    monkeypatch.setattr(guards, 'free_disk_gib', lambda p: 0.2)
     with pytest.raises(OSError, match='GiB free'): train(_cfg(tmp_path))
 
 def test_corrupt_checkpoint_and_mismatched_resume(tmp_path):
