@@ -6,14 +6,14 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/cache.html.md"""
 
 # %% ../nbs/09b_cache.ipynb #be0780f3
 from __future__ import annotations
-import contextlib, hashlib, json, os
+import contextlib, hashlib, json, os, shutil
 from pathlib import Path
 from typing import Optional
 import numpy as np, torch
-from .config import KDConfig, atomic_write_text, atomic_write_bytes, check_model_limits, format_duration, parse_duration
+from .config import KDConfig, atomic_write_text, atomic_write_bytes, check_model_limits, format_duration, parse_duration, parse_max_memory
 from .losses import TeacherTargets, head_logits, teacher_targets_from_logits, bucket_map, OnlineTeacher, fused_distill_loss
 from .data import kd_position_mask, data_cache_key, make_loader, build_datasets, collate, epoch_order
-from .models import resolve_model, head_spec, final_hidden_states, max_positions, load_teacher
+from .models import resolve_model, head_spec, final_hidden_states, max_positions, load_teacher, auto_max_memory, placement_summary
 from .align import vocab_map_fingerprint, load_tokenizer, build_vocab_map
 from .env import free_disk_gib, choose_precision, detect_device, gpu_mismatch_message
 from .checkpoint import Budget
@@ -138,6 +138,18 @@ def batch_targets(teacher, batch: dict, bmap, top_k: int, temperature: float = 1
     return t, kd.sum(1)
 
 # %% ../nbs/09b_cache.ipynb #fe2271c2
+def _place_teacher(cfg, policy, device, out: Path) -> tuple:
+    "(teacher, {device: blocks}): on `device`, or over GPUs, CPU and disk when it does not fit one GPU (KDConfig.teacher_max_memory, else automatic)."
+    from transformers import AutoConfig
+    if cfg.teacher_max_memory: mm = parse_max_memory(cfg.teacher_max_memory)
+    elif device.type == 'cuda':
+        mm = auto_max_memory()
+        rows = AutoConfig.from_pretrained(resolve_model(cfg.teacher, 'teacher')).vocab_size
+        if 0 in mm: mm[0] = max(0, mm[0] - 12 * cfg.loss_chunk * rows)   # the head's fp32 logit chunks and their softmax, beside the weights
+    else: mm = None
+    teacher = load_teacher(cfg.teacher, policy.teacher_dtype, device, max_memory=mm, offload_dir=out/'.offload')
+    return teacher, placement_summary(getattr(teacher, 'hf_device_map', None) or {'': str(head_spec(teacher).weight.device)})
+
 def _load_manifest(out: Path) -> Optional[dict]:
     f = out/MANIFEST
     if not f.is_file(): return None
@@ -222,7 +234,9 @@ def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: 
     want, writer = cache_identity(cfg, t_tok, s_tok), {'shard_examples': shard_examples, 'batch_size': batch_size, 'logp_dtype': logp_dtype}
     man = _resume_manifest(out, want, cfg.top_k, writer)
     if man is not None and man['complete']: return _summary(man, out, 'complete', 0, budget.clock() - t0)
-    teacher = load_teacher(cfg.teacher, policy.teacher_dtype, device)
+    shutil.rmtree(out/'.offload', ignore_errors=True)   # a killed run's disk-offloaded weights
+    teacher, placement = _place_teacher(cfg, policy, device, out)
+    device = head_spec(teacher).weight.device           # the first GPU of a teacher split over several
     check_model_limits(cfg, s_conf.vocab_size, getattr(s_conf, 'max_position_embeddings', None), max_positions(teacher))
     train_ds, eval_ds = build_datasets(cfg, t_tok, s_tok)
     counts, n, pads = kd_counts(train_ds, cfg.kd_positions), len(train_ds), (s_tok.pad_token_id or 0, t_tok.pad_token_id or 0)
@@ -263,7 +277,8 @@ def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: 
         if callback is not None: callback({'shard': i, 'shards': n_shards, 'done': len(man['shards']), 'rows': len(arrays['ids'])})
     bar.close()
     if not todo: man['complete'] = True; atomic_write_text(out/MANIFEST, json.dumps(man, indent=1))
-    return _summary(man, out, 'complete' if man['complete'] else stop or 'budget', new, budget.clock() - t0)
+    shutil.rmtree(out/'.offload', ignore_errors=True)
+    return {**_summary(man, out, 'complete' if man['complete'] else stop or 'budget', new, budget.clock() - t0), 'teacher_placement': placement}
 
 def _summary(man: dict, out: Path, reason: str, new: int, seconds: float) -> dict:
     rows = sum(s['rows'] for s in man['shards'])
@@ -394,6 +409,8 @@ def cache_teacher_main(cfg: KDConfig, output=None) -> int:
     m, mb = r['teacher_metrics'] or {}, r['bytes'] / 1e6
     print(f"kd_kaggle cache-teacher: {r['shards_done']}/{r['shards_total']} shards ({r['new_shards']} new), {r['rows']:,}/{r['total_rows']:,} "
           f"KD positions, {f'{mb:,.0f} MB' if mb >= 10 else f'{mb:.2f} MB'} ({r['bytes_per_position']} B/position), {format_duration(r['seconds'])}")
+    if len(p := r.get('teacher_placement') or {}) > 1:
+        print(f"kd_kaggle cache-teacher: teacher split over " + ', '.join(f'{d} ({n} blocks{", streamed" if d in ("cpu", "disk") else ""})' for d, n in p.items()))
     if m: print(f"kd_kaggle cache-teacher: teacher held-out bpb {m['bpb']:.4f} (stored in {MANIFEST})")
     if r['complete']:
         print(f"kd_kaggle cache-teacher: complete; train with --teacher-cache {out} and the same flags"); return 0

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 # %% auto #0
-__all__ = ['SCHEDULE_KINDS', 'LOSS_TERMS', 'DIVERGENCES', 'parse_duration', 'format_duration', 'default_curriculum',
-           'router_curriculum', 'check_schedule', 'KDConfig', 'validate_config', 'check_model_limits',
-           'atomic_write_text', 'atomic_write_bytes', 'config_to_dict', 'config_from_dict', 'save_config',
-           'load_config', 'add_config_args', 'config_from_args']
+__all__ = ['SCHEDULE_KINDS', 'LOSS_TERMS', 'DIVERGENCES', 'parse_duration', 'format_duration', 'parse_max_memory',
+           'default_curriculum', 'router_curriculum', 'check_schedule', 'KDConfig', 'validate_config',
+           'check_model_limits', 'atomic_write_text', 'atomic_write_bytes', 'config_to_dict', 'config_from_dict',
+           'save_config', 'load_config', 'add_config_args', 'config_from_args']
 
 # %% ../nbs/00_config.ipynb #ab9d124d
 _DURATION = re.compile(r'^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$')
@@ -34,6 +34,25 @@ def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rem = divmod(seconds, 3600); m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+# %% ../nbs/00_config.ipynb #c50e8dbc
+_SIZE = re.compile(r'\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB)\s*', re.I)
+_UNIT = {'gib': 2**30, 'gb': 10**9, 'mib': 2**20, 'mb': 10**6}
+
+def parse_max_memory(spec) -> dict:
+    "'0=14GiB,1=14GiB,cpu=24GiB' (or such a dict) -> accelerate's max_memory in bytes: {0: ..., 1: ..., 'cpu': ...}."
+    items = list(spec.items()) if isinstance(spec, dict) else [p.split('=', 1) if '=' in p else (p, None) for p in str(spec).split(',') if p.strip()]
+    out = {}
+    for k, v in items:
+        key = str(k).strip().lower().removeprefix('cuda:')
+        key = int(key) if key.isdigit() else key
+        m = None if isinstance(v, int) or v is None else _SIZE.fullmatch(str(v))
+        if (key not in ('cpu', 'disk') and not isinstance(key, int)) or (m is None and not isinstance(v, int)):
+            raise ValueError(f"KDConfig.teacher_max_memory={spec!r}: {str(k).strip()}={v} is not DEVICE=SIZE; write e.g. "
+                             "'0=14GiB,1=14GiB,cpu=24GiB' (devices: a GPU index or cuda:N, cpu, disk; sizes in GiB, GB, MiB or MB)")
+        out[key] = v if isinstance(v, int) else int(float(m[1]) * _UNIT[m[2].lower()])
+    if not out: raise ValueError(f"KDConfig.teacher_max_memory={spec!r}: empty; write e.g. '0=14GiB,1=14GiB,cpu=24GiB', or leave it unset (automatic)")
+    return out
 
 # %% ../nbs/00_config.ipynb #5bb9d7a6
 SCHEDULE_KINDS = ('constant', 'linear', 'cosine', 'step')
@@ -125,6 +144,8 @@ class KDConfig:
     attn_layers: Optional[list] = _f(None, "student layers whose attention is aligned (default: last layer)")
     contrastive_temperature: float = _f(0.1, "InfoNCE temperature")
     teacher_cache: Optional[str] = _f(None, "dir of an offline teacher cache to train from (no teacher in memory)")
+    teacher_max_memory: Optional[str] = _f(None, "cache-teacher: memory the teacher's weights may use per device, e.g. "
+                                                 "'0=14GiB,1=14GiB,cpu=24GiB' (GPU index, cpu, disk); None = automatic from free memory")
     # budget, logging, checkpoints
     time_budget: str = _f('11h30m', "wall-clock budget for this session, e.g. 11h30m; training stops in time to eval and save")
     final_reserve: Optional[str] = _f(None, "time kept for the final eval+save (default: measured, at least 2% of the budget)")
@@ -227,6 +248,7 @@ def validate_config(c: KDConfig) -> None:
     if not isinstance(c.resume_dirs, (list, tuple)): _bad('resume_dirs', c.resume_dirs, "must be a list of dirs", ['/kaggle/input/my-run'])
     if not isinstance(c.allow_resume_changes, bool): _bad('allow_resume_changes', c.allow_resume_changes, "must be true or false", True)
     _check_int(c, 'seed', 0, 0)
+    if c.teacher_max_memory is not None: parse_max_memory(c.teacher_max_memory)
 
 # %% ../nbs/00_config.ipynb #77667b41
 def check_model_limits(cfg: KDConfig, student_vocab: int, student_positions: Optional[int] = None, teacher_positions: Optional[int] = None) -> None:

@@ -16,8 +16,8 @@ from .env import quiet_hf, hf_offline
 
 # %% auto #0
 __all__ = ['resolve_model', 'keep_rotary_in_autocast_dtype', 'check_vocab_fits', 'load_teacher', 'load_student',
-           'fix_zero_embedding_rows', 'HeadSpec', 'head_spec', 'final_hidden_states', 'num_layers', 'max_positions',
-           'compile_choice', 'compile_layers']
+           'auto_max_memory', 'teacher_device_map', 'placement_summary', 'fix_zero_embedding_rows', 'HeadSpec',
+           'head_spec', 'final_hidden_states', 'num_layers', 'max_positions', 'compile_choice', 'compile_layers']
 
 # %% ../nbs/08_models.ipynb #8a1bb2e4
 def _dtype_kw(dtype) -> dict:
@@ -86,13 +86,19 @@ def _from_pretrained(path, role: str, name: str, **kw):
         raise ValueError(f"KDConfig.{role}={name!r}: its weights in {path} could not be read (SafetensorError: {e}); the files are "
                          "damaged or incomplete: attach or download the model again") from None
 
-def load_teacher(name: str, dtype: torch.dtype = torch.float32, device='cpu'):
-    "The frozen teacher in eval mode, loaded directly in `dtype` (fp16 on T4/P100, bf16 on sm>=80)."
+def load_teacher(name: str, dtype: torch.dtype = torch.float32, device='cpu', max_memory: Optional[dict] = None, offload_dir=None):
+    "The frozen teacher in eval mode, in `dtype` (fp16 on T4/P100, bf16 on sm>=80): on `device`, or placed within `max_memory`."
     path = resolve_model(name, 'teacher')
+    dm = teacher_device_map(path, dtype, max_memory) if max_memory is not None else None
+    if dm is not None and set(dm) == {''}: device, dm = _where(dm['']), None   # fits one device
+    if dm is not None and 'disk' in dm.values() and offload_dir is None:
+        raise ValueError(f"KDConfig.teacher={name!r} does not fit {max_memory} without disk offload, and no offload dir was given")
+    kw = {} if dm is None else {'device_map': dm, 'offload_folder': str(offload_dir) if offload_dir else None}
     with quiet_hf():
-        model = _from_pretrained(path, 'teacher', name, **_dtype_kw(dtype))
+        model = _from_pretrained(path, 'teacher', name, **_dtype_kw(dtype), **kw)
     check_vocab_fits(model, _tokenizer_len(path), 'teacher', name)
-    model.to(device).eval().requires_grad_(False)
+    if dm is None: model.to(device)
+    model.eval().requires_grad_(False)
     keep_rotary_in_autocast_dtype(model)
     return model
 
@@ -111,6 +117,57 @@ def load_student(name: str, seed: int = 0):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **_dtype_kw(torch.float32))
     check_vocab_fits(model, _tokenizer_len(path), 'student', name)
     return keep_rotary_in_autocast_dtype(model).train()
+
+# %% ../nbs/08_models.ipynb #04a3da8a
+def auto_max_memory(reserve_gib: float = 1.5, ram_share: float = 0.7) -> dict:
+    "Bytes the teacher's weights may use: each visible GPU's free memory (within this process's cap) less `reserve_gib`; 'cpu': `ram_share` of free RAM."
+    import gc, psutil
+    gc.collect()   # an earlier teacher of this process that is no longer referenced (a notebook re-running a cell)
+    out = {}
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        free, total = torch.cuda.mem_get_info(i)
+        frac = getattr(torch.cuda, 'get_per_process_memory_fraction', lambda i: 1.0)(i)   # a set_per_process_memory_fraction cap (torch >= 2.9)
+        used = torch.cuda.memory_allocated(i)   # what our allocator caches but does not use is ours to reuse
+        room = min(free + torch.cuda.memory_reserved(i) - used, frac * total - used)
+        out[i] = max(0, int(room - reserve_gib * 2**30))
+    out['cpu'] = int(psutil.virtual_memory().available * ram_share)
+    return out
+
+def _bytes_of(*modules) -> int:
+    "Parameter bytes of `modules`, a tied parameter counted once."
+    return sum(p.numel() * p.element_size() for p in {id(p): p for m in modules if m is not None for p in m.parameters()}.values())
+
+def _where(dev) -> str: return f'cuda:{dev}' if isinstance(dev, int) else str(dev)
+
+# %% ../nbs/08_models.ipynb #65a297eb
+def teacher_device_map(path, dtype: torch.dtype, max_memory: dict) -> dict:
+    "Where the teacher's blocks go within `max_memory` (GPUs, then cpu, then disk); embeddings, final norm and head on the first GPU."
+    from accelerate import init_empty_weights
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    with init_empty_weights(), quiet_hf(): meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **_dtype_kw(dtype))
+    gpus = sorted(k for k in max_memory if isinstance(k, int))
+    home = gpus[0] if gpus else 'cpu'
+    if _bytes_of(meta) <= max_memory.get(home, 0): return {'': home}   # fits one device: never split a small teacher
+    dec, head = meta.get_decoder(), meta.get_output_embeddings()
+    pinned = [m for m in (meta.get_input_embeddings(), getattr(dec, 'norm', None), getattr(dec, 'rotary_emb', None), head) if m is not None]
+    mm = dict(max_memory)
+    if gpus: mm[home] = max(0, mm[home] - _bytes_of(*pinned))   # the pinned blocks' room, kept free on the first GPU
+    no_split = list(getattr(meta, '_no_split_modules', None) or [])
+    if len(gpus) > 1:   # spread over the GPUs (accelerate's balancing knows no 'disk' key)
+        mm = {**get_balanced_memory(meta, {k: v for k, v in mm.items() if k != 'disk'}, no_split_module_classes=no_split, dtype=dtype),
+              **({'disk': mm['disk']} if 'disk' in mm else {})}
+    dm = infer_auto_device_map(meta, mm, no_split_module_classes=no_split, dtype=dtype, clean_result=False)
+    names = {id(m): n for n, m in meta.named_modules()}
+    dm = {k: v for k, v in dm.items() if not any(k == names[id(m)] or k.startswith(names[id(m)] + '.') for m in pinned)}
+    dm.update({names[id(m)]: home for m in pinned})
+    if len(set(dm.values())) == 1: return {'': home}
+    return dm
+
+def placement_summary(device_map: dict) -> dict:
+    "Blocks per device of a device map: {'cuda:0': 14, 'cuda:1': 15, 'cpu': 2}."
+    out = {}
+    for v in device_map.values(): out[_where(v)] = out.get(_where(v), 0) + 1
+    return out
 
 # %% ../nbs/08_models.ipynb #cf737612
 def fix_zero_embedding_rows(model, token_ids, seed: int = 0) -> list:

@@ -233,3 +233,15 @@ def test_cli_main_prints_at_most_five_lines(env, capsys):
     assert cache_teacher_main(env['cfg'], str(env['ref'])) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert 1 <= len(lines) <= 5 and 'complete' in lines[-1]
+
+
+def test_teacher_split_over_cpu_and_disk_gives_the_same_cache(env):
+    "A teacher that does not fit its memory limit (here: CPU RAM, the rest streamed from disk) writes byte-identical shards."
+    cfg = dataclasses.replace(env['cfg'], teacher_max_memory='cpu=4MB,disk=1GB')   # the demo teacher has 7.2 MB of fp32 weights
+    out, buf = env['root']/'split', io.StringIO()
+    with one_thread(), contextlib.redirect_stdout(buf):
+        s = cache_teacher(cfg, out, shard_examples=SHARD, batch_size=BATCH, deterministic=True)
+    assert s['complete'] and set(s['teacher_placement']) == {'cpu', 'disk'}, s['teacher_placement']
+    assert shard_hashes(out) == shard_hashes(env['ref'])
+    assert s['teacher_metrics'] == env['summary']['teacher_metrics']
+    assert not (out/'.offload').exists()                       # the offloaded weights are not left on the disk
