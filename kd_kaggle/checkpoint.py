@@ -36,6 +36,9 @@ class TrainState:
     evals_since_best: int = 0
     train_seconds: float = 0.0  # summed over sessions
     sessions: int = 0
+    onpolicy_steps: int = 0     # steps on the student's own samples (KDConfig.lmbda)
+    generated_tokens: int = 0   # tokens the student sampled for them (this process)
+    generate_seconds: float = 0.0
     done: bool = False
     stop_reason: str = ''
 

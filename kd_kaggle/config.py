@@ -138,6 +138,10 @@ class KDConfig:
     kd_method: str = _f('aligned', "aligned (the above) | seed_naive (the failed seed's KD, id i vs id i at position i vs i: "
                                    "a benchmark baseline, wrong across tokenizers, full logits in memory)")
     loss_chunk: int = _f(1024, "positions per chunk in the fused lm_head+loss (memory ~ chunk x vocab)")
+    # on-policy (GKD-style): the student continues the data's prompts, the teacher scores those bytes, KD on them only
+    lmbda: float = _f(0.0, "share of optimizer steps on the student's own samples (TRL GKD's lmbda); 0 = off-policy only")
+    max_new_tokens: int = _f(128, "on-policy: tokens the student samples per prompt")
+    sampling_temperature: float = _f(1.0, "on-policy: the student's sampling temperature (0 = greedy)")
     curriculum: dict = _f(default_curriculum(), "per-term weight schedules over progress (ce, kd, feat, layer, attn, contr); terms not listed are off")
     feature_loss: str = _f('cosine', "cosine | nmse for feature/layer terms")
     layer_map: Optional[list] = _f(None, "student layers that get a layer loss (default: evenly spaced)")
@@ -219,6 +223,14 @@ def validate_config(c: KDConfig) -> None:
         if c.divergence != 'fkl' or c.top_k is not None or not c.t2_scaling:
             _bad('kd_method', c.kd_method, "is the seed's forward KL x T^2 over all ids: use divergence='fkl', top_k=None, t2_scaling=True", 'aligned')
     _check_int(c, 'loss_chunk', 16, 1024)
+    _check_num(c, 'lmbda', 0.0, 1.0, 0.5)
+    _check_int(c, 'max_new_tokens', 1, 128)
+    _check_num(c, 'sampling_temperature', 0.0, 10.0, 1.0)
+    if c.lmbda > 0:   # the student's samples exist only during training: the teacher must be there to score them
+        if c.teacher_cache: _bad('lmbda', c.lmbda, "needs the teacher online: no cache can hold the student's future samples (set teacher_cache=None, or lmbda=0)", 0.0)
+        if c.kd_method != 'aligned': _bad('lmbda', c.lmbda, "needs kd_method='aligned' (on-policy batches are aligned by bytes)", 0.0)
+        if c.data_format == 'chat': _bad('lmbda', c.lmbda, "takes text or instruction data; chat rows are not supported on-policy yet", 0.0)
+        if c.max_new_tokens >= c.seq_len: _bad('max_new_tokens', c.max_new_tokens, f"must leave room for a prompt within seq_len={c.seq_len}", c.seq_len // 4)
     _check_choice(c, 'feature_loss', ('cosine', 'nmse'))
     _check_num(c, 'contrastive_temperature', 0.0, 10.0, 0.1, lo_open=True)
     for n in ('layer_map', 'attn_layers'):

@@ -15,9 +15,9 @@ from .chat import check_messages, chat_template, encode_chat
 
 # %% auto #0
 __all__ = ['EXAMPLE_KEYS', 'DATA_FORMAT_VERSION', 'read_text', 'read_paragraphs', 'instruction_record', 'row_record',
-           'read_jsonl', 'load_records', 'cut_at_tokens', 'pack_to_budget', 'normalize_record', 'encode_examples',
-           'collate', 'kd_position_mask', 'chat_templates', 'encode_chat_examples', 'data_cache_key', 'cache_problem',
-           'drop_message', 'build_datasets', 'epoch_order', 'make_loader']
+           'read_jsonl', 'load_records', 'data_kind', 'cut_at_tokens', 'pack_to_budget', 'normalize_record',
+           'encode_examples', 'collate', 'kd_position_mask', 'chat_templates', 'encode_chat_examples', 'data_cache_key',
+           'cache_problem', 'drop_message', 'build_datasets', 'epoch_order', 'make_loader']
 
 # %% ../nbs/04_data.ipynb #99237230
 def read_text(path) -> str:
@@ -116,6 +116,11 @@ def load_records(source: str, split: str = 'train', field: str = 'data') -> tupl
     ds = datasets.load_dataset(source, split=split)
     recs = [row_record(r, f"{source}[{i}]") for i, r in enumerate(ds)]
     return recs, _kind(recs)
+
+# %% ../nbs/04_data.ipynb #69bdf87f
+def data_kind(cfg) -> str:
+    "The kind of `cfg.data`'s rows as the datasets are built from them: 'text', 'instruction' or 'chat'."
+    return 'text' if cfg.data_format == 'text' else load_records(cfg.data, 'train')[1]
 
 # %% ../nbs/04_data.ipynb #810d6390
 def cut_at_tokens(text: str, n_tokens: int, tok) -> tuple:

@@ -6,14 +6,15 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/onpolicy.html.md"""
 
 # %% ../nbs/09e_onpolicy.ipynb #33b8cc6a
 from __future__ import annotations
-import contextlib
+import contextlib, random
 from typing import Optional
 import torch
 from .align import token_table
 from .data import collate, encode_examples
 
 # %% auto #0
-__all__ = ['prompt_lengths', 'prompt_texts', 'continuation_text', 'sample_continuations', 'onpolicy_batch']
+__all__ = ['prompt_lengths', 'prompt_texts', 'continuation_text', 'sample_continuations', 'onpolicy_batch', 'is_onpolicy_step',
+           'onpolicy_micro_batches']
 
 # %% ../nbs/09e_onpolicy.ipynb #4535ef6a
 def prompt_lengths(batch: dict, kind: str = 'instruction', text_fraction: float = 0.5) -> list:
@@ -125,3 +126,19 @@ def onpolicy_batch(student, batch: dict, teacher_tok, student_tok, seq_len: int,
     if not examples: return None, stats
     dev = batch['student_input_ids'].device if device is None else device
     return {k: v.to(dev) for k, v in collate(examples, s_pad, t_pad).items()}, stats
+
+# %% ../nbs/09e_onpolicy.ipynb #18c96da4
+def is_onpolicy_step(lmbda: float, seed: int, step: int) -> bool:
+    "Whether optimizer step `step` learns on the student's own samples: a draw from (seed, step) alone, so processes and resumes agree."
+    return lmbda > 0 and random.Random(seed * 1_000_003 + step).random() < lmbda
+
+def onpolicy_micro_batches(student, batches: list, cfg, teacher_tok, student_tok, kind: str, step: int, process: int = 0) -> tuple:
+    "(the on-policy batch of each micro-batch, or the micro-batch itself where every sample was dropped; summed stats)."
+    out, total = [], {}
+    for i, b in enumerate(batches):
+        seed = ((cfg.seed * 1_000_003 + step) * 1009 + process) * 101 + i
+        nb, st = onpolicy_batch(student, b, teacher_tok, student_tok, cfg.seq_len, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.sampling_temperature, seed=seed, kind=kind)
+        out.append(b if nb is None else nb)
+        for k in ('examples', 'kept', 'new_tokens'): total[k] = total.get(k, 0) + st[k]
+    return out, total

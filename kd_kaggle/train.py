@@ -15,7 +15,8 @@ from .config import KDConfig, check_model_limits, config_to_dict, save_config, a
 from .env import choose_precision, detect_device, quiet_hf, gpu_mismatch_message, needs_repeat_kv, use_repeat_kv_for_sdpa
 from .models import load_teacher, load_student, fix_zero_embedding_rows, final_hidden_states, max_positions, compile_choice, compile_layers, resolve_model
 from .progress import is_main_process, progress_bar
-from .data import build_datasets, collate, epoch_order, make_loader
+from .data import build_datasets, collate, epoch_order, make_loader, data_kind
+from .onpolicy import is_onpolicy_step, onpolicy_micro_batches
 from .cache import TeacherCache
 from .checkpoint import (TrainState, Budget, RunLog, save_checkpoint, load_checkpoint, list_checkpoints,
                                   latest_valid_checkpoint, checkpoint_candidates, default_print_every, read_checkpoint_meta)
@@ -61,6 +62,7 @@ class Run:
     callback: Optional[Callable] = None      # gets every record on the main process
     window: Optional[tuple] = None           # (tokens, time) at the start of the current logging window
     pending_tokens: Any = 0                  # tokens counted on the device since the last record
+    data_kind: Optional[str] = None          # 'text' | 'instruction': where on-policy steps cut prompts (lmbda > 0)
 
 # %% ../nbs/10_train.ipynb #e64d36e5
 def _total_steps(cfg: KDConfig, n_examples: int, num_processes: int) -> int:
@@ -91,6 +93,8 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
                                                       # the first data build and the evals run on rank 0 while the others wait
                                                       InitProcessGroupKwargs(timeout=timedelta(hours=3))])
     set_seed(cfg.seed)
+    kind = data_kind(cfg) if cfg.lmbda > 0 else None
+    if kind == 'chat': raise ValueError(f"KDConfig.lmbda={cfg.lmbda}: {cfg.data!r} holds chat rows, which on-policy steps do not take yet; set lmbda=0")
     t_tok = load_tokenizer(_tok_path(cfg.teacher, 'teacher')); s_tok = load_tokenizer(_tok_path(cfg.student, 'student'))
     cache = _open_cache(cfg, t_tok, s_tok)
     teacher = None if cache else load_teacher(cfg.teacher, policy.teacher_dtype, acc.device)
@@ -128,7 +132,7 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     return Run(cfg=cfg, acc=acc, policy=policy, info=info, run_dir=run_dir, teacher=teacher, student=student, router=router,
                distiller=distiller, optimizer=optimizer, scheduler=scheduler, t_tok=t_tok, s_tok=s_tok, vocab_map=vocab_map,
                train_ds=train_ds, eval_ds=eval_ds, curriculum=curriculum, total_steps=total, calibration=calibration, cache=cache,
-               compiled=compiled)
+               compiled=compiled, data_kind=kind)
 
 # %% ../nbs/10_train.ipynb #c74ba48e
 def _open_cache(cfg, t_tok, s_tok):
@@ -177,6 +181,14 @@ def train_step(r, state, batches: list, weights: dict) -> Optional[tuple]:
     r.optimizer.zero_grad(set_to_none=True)
     state.step += 1; state.bad_in_row = 0
     return loss, parts, grad_norm
+
+def _onpolicy(r, state, batches: list, weights: dict) -> tuple:
+    "This step's micro-batches as the student's own continuations of their prompts (kd_kaggle.onpolicy); KD only."
+    t = time.monotonic()
+    with r.acc.autocast():
+        batches, st = onpolicy_micro_batches(_unwrapped(r).student, batches, r.cfg, r.t_tok, r.s_tok, r.data_kind, state.step, r.acc.process_index)
+    state.onpolicy_steps += 1; state.generate_seconds += time.monotonic() - t; state.generated_tokens += st['new_tokens']
+    return batches, {**weights, 'ce': 0.0}   # no cross-entropy on the student's own text
 
 def _bad_step(r, state) -> None:
     "A non-finite loss: drop the gradients, count it, abort after `max_bad_steps` in a row."
@@ -235,6 +247,7 @@ def _distil(r, budget, callback) -> dict:
                 micro_batches.append(batch); state.batch_in_epoch += 1
                 if len(micro_batches) < cfg.grad_accum: continue
                 weights = r.curriculum.weights(state.step / r.total_steps)
+                if is_onpolicy_step(cfg.lmbda, cfg.seed, state.step): micro_batches, weights = _onpolicy(r, state, micro_batches, weights)
                 out = train_step(r, state, micro_batches, weights)
                 micro_batches = []
                 if out is None: continue                      # a non-finite loss: skipped, counted
@@ -334,6 +347,7 @@ def _train_record(r, state, parts, weights, loss, grad_norm, budget) -> dict:
            'lr': r.scheduler.get_last_lr()[0], 'grad_norm': float(grad_norm) if grad_norm is not None else None,
            'skipped': state.skipped_steps, 'scaler_skipped': state.scaler_skipped, 'grad_scale': _grad_scale(r.acc),
            'elapsed_s': state.train_seconds + budget.elapsed, 'budget_left_s': budget.left, 'peak_mem_gib': _peak_gib()}
+    if r.cfg.lmbda > 0: rec.update(onpolicy_steps=state.onpolicy_steps, generated_tokens=state.generated_tokens, generate_s=state.generate_seconds)
     last_tokens, last_t = r.window or (state.tokens, budget.start)
     now = budget.clock(); r.window = (state.tokens, now)
     rec['tok_s'] = (state.tokens - last_tokens) / max(now - last_t, 1e-9)   # over the last logging window
@@ -479,6 +493,9 @@ def _header(r, log, state, budget) -> None:
     log.say(f"kd_kaggle: teacher {c.teacher} ({teacher}) -> "
             f"student {c.student} ({n(r.student):.1f}M) on {r.info.name} x{r.acc.num_processes}, precision {r.policy.mixed}"
             f"{', torch.compile (the first steps compile)' if r.compiled else ''}")
+    if c.lmbda > 0:
+        log.say(f"kd_kaggle: on-policy on {c.lmbda:.0%} of steps: the student continues the {r.data_kind} prompts by up to {c.max_new_tokens} "
+                f"tokens (temperature {c.sampling_temperature}), {c.divergence} KD on its samples only")
     if r.router is not None:
         r2 = ', '.join(f"{k} {v:.2f}" for k, v in r.calibration.items()) or 'not calibrated'
         log.say(f"kd_kaggle: router {r.router.num_parameters() / 1e6:.2f}M parameters (lr {c.router_lr}), least-squares init R^2: {r2}")
