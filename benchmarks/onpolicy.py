@@ -10,6 +10,8 @@ here on Austen + Bible + Dolly dev; Dolly dev = training prompts/responses, Doll
   off_policy_x15  the same with 1.5x the steps (a bracket for equal wall time: on-policy steps also sample)
   on_policy       + lmbda=0.5, max_new_tokens=64, sampling_temperature=1.0 (forward KL, as the default)
   on_policy_jsd   + lmbda=0.5, max_new_tokens=64, divergence='jsd' (beta 0.5, as TRL GKD's default)
+  on_policy_late  + lmbda=0.5 from half-way (onpolicy_start=0.5): the student first learns to write the data's text
+  on_policy_late_rkl, on_policy_rkl   the same with reverse KL (mode-seeking: text the teacher finds likely)
 Metrics per trained student, on the first `--eval-prompts` held-out Dolly examples:
   heldout_bpb                     response bits per byte (the trainer's final evaluation, all held-out examples)
   teacher_bpb_of_student_samples  the teacher's bits per byte of the student's own sampled continuations (T=1, 64 new
@@ -24,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / 'benchmarks'):
     if str(p) not in sys.path: sys.path.insert(0, str(p))
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-ARMS = ('off_policy', 'off_policy_x15', 'on_policy', 'on_policy_jsd')
+ARMS = ('off_policy', 'off_policy_x15', 'on_policy', 'on_policy_jsd', 'on_policy_late', 'on_policy_late_rkl', 'on_policy_rkl')
+LATE = dict(lmbda=0.5, max_new_tokens=64, onpolicy_start=0.5)   # (NEW_TOKENS)
 NEW_TOKENS = 64
 
 
@@ -47,7 +50,9 @@ def arm_config(a, S, work: Path, info: dict, arm: str, seed: int, run_dir: Path)
     import dataclasses, quality_t4
     cfg = quality_t4.arm_config(a, S, work, info['files'], 'dolly', 'default', seed, run_dir)
     over = {'off_policy': {}, 'off_policy_x15': dict(max_steps=int(a.steps * 1.5)),
-            'on_policy': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS), 'on_policy_jsd': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS, divergence='jsd')}
+            'on_policy': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS), 'on_policy_jsd': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS, divergence='jsd'),
+            'on_policy_late': LATE, 'on_policy_late_rkl': dict(LATE, divergence='rkl'),
+            'on_policy_rkl': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS, divergence='rkl')}
     return dataclasses.replace(cfg, **over[arm])
 
 
@@ -68,7 +73,7 @@ def sample_metrics(cfg, run_dir: Path, n_prompts: int, seed: int) -> dict:
     ev = ev.select(range(min(n_prompts, len(ev))))
     teacher = load_teacher(cfg.teacher, policy.teacher_dtype, dev)
     student = AutoModelForCausalLM.from_pretrained(run_dir / 'student').to(dev).eval()
-    sampled, rouge, stats = [], [], {'kept': 0, 'examples': 0, 'new_tokens': 0}
+    sampled, rouge, examples, stats = [], [], [], {'kept': 0, 'examples': 0, 'new_tokens': 0}
     ac = torch.autocast(dev.type, dtype=policy.autocast_dtype) if policy.autocast_dtype else torch.autocast(dev.type, enabled=False)
     for i, b in enumerate(make_loader(ev, 16, s_tok.pad_token_id or 0, t_tok.pad_token_id or 0, shuffle=False)):
         b = {k: v.to(dev) for k, v in b.items()}
@@ -86,9 +91,12 @@ def sample_metrics(cfg, run_dir: Path, n_prompts: int, seed: int) -> dict:
                 p = next((p for p in prompts if full.startswith(p)), None)
                 if p is not None: gens[p] = full[len(p):]
         rouge += [rouge_l(gens.get(p, ''), r) for p, r in zip(prompts, refs)]
+        examples += [(gens.get(p, ''), r) for p, r in zip(prompts, refs)]
     tb = lm_metrics(teacher, sampled, 'teacher', policy)['bpb'] if sampled else float('nan')
     return {'teacher_bpb_of_student_samples': tb, 'rougeL': statistics.mean(rouge) if rouge else float('nan'),
-            'sample_prompts': stats['examples'], 'sample_kept': stats['kept'], 'sample_new_tokens': stats['new_tokens']}
+            'sample_prompts': stats['examples'], 'sample_kept': stats['kept'], 'sample_new_tokens': stats['new_tokens'],
+            'greedy_empty': sum(not g.strip() for g, _ in examples), 'greedy_examples': [g[:160] for g, _ in examples[:3]],
+            'references': [r[:160] for _, r in examples[:3]]}
 
 
 def run_job(a, S, work: Path, spec: str) -> dict:
@@ -108,7 +116,7 @@ def run_job(a, S, work: Path, spec: str) -> dict:
     return {'arm': arm, 'seed': seed, 'heldout_bpb': final.get('student_bpb'), **m, 'wall_s': round(wall, 1),
             'steps': last['step'], 'tokens': int(last['tokens']), 'onpolicy_steps': last.get('onpolicy_steps', 0),
             'generate_s': round(last.get('generate_s', 0.0), 1), 'teacher_bpb': final.get('teacher_bpb'),
-            'lmbda': cfg.lmbda, 'divergence': cfg.divergence, 'max_new_tokens': cfg.max_new_tokens}
+            'lmbda': cfg.lmbda, 'divergence': cfg.divergence, 'max_new_tokens': cfg.max_new_tokens, 'onpolicy_start': cfg.onpolicy_start}
 
 
 def summarize(rows: list) -> dict:
@@ -118,7 +126,7 @@ def summarize(rows: list) -> dict:
     mean = lambda arm, k: statistics.mean(r[k] for r in by[arm]) if arm in by else None
     s = {arm: {k: mean(arm, k) for k in ('heldout_bpb', 'teacher_bpb_of_student_samples', 'rougeL', 'wall_s', 'generate_s')} | {'seeds': len(by[arm])}
          for arm in by}
-    on = [x for x in ('on_policy', 'on_policy_jsd') if x in s]
+    on = [x for x in ARMS if x.startswith('on_policy') and x in s]
     if 'off_policy' in s and on:
         best = min(on, key=lambda x: s[x]['teacher_bpb_of_student_samples'])
         off = s['off_policy']

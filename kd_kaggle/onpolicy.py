@@ -128,9 +128,9 @@ def onpolicy_batch(student, batch: dict, teacher_tok, student_tok, seq_len: int,
     return {k: v.to(dev) for k, v in collate(examples, s_pad, t_pad).items()}, stats
 
 # %% ../nbs/09e_onpolicy.ipynb #18c96da4
-def is_onpolicy_step(lmbda: float, seed: int, step: int) -> bool:
-    "Whether optimizer step `step` learns on the student's own samples: a draw from (seed, step) alone, so processes and resumes agree."
-    return lmbda > 0 and random.Random(seed * 1_000_003 + step).random() < lmbda
+def is_onpolicy_step(lmbda: float, seed: int, step: int, progress: float = 1.0, start: float = 0.0) -> bool:
+    "Whether optimizer step `step` (at `progress`) learns on the student's own samples: from `start` on, a draw from (seed, step) alone."
+    return lmbda > 0 and progress >= start and random.Random(seed * 1_000_003 + step).random() < lmbda
 
 def onpolicy_micro_batches(student, batches: list, cfg, teacher_tok, student_tok, kind: str, step: int, process: int = 0) -> tuple:
     "(the on-policy batch of each micro-batch, or the micro-batch itself where every sample was dropped; summed stats)."

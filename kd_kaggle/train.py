@@ -247,7 +247,7 @@ def _distil(r, budget, callback) -> dict:
                 micro_batches.append(batch); state.batch_in_epoch += 1
                 if len(micro_batches) < cfg.grad_accum: continue
                 weights = r.curriculum.weights(state.step / r.total_steps)
-                if is_onpolicy_step(cfg.lmbda, cfg.seed, state.step): micro_batches, weights = _onpolicy(r, state, micro_batches, weights)
+                if is_onpolicy_step(cfg.lmbda, cfg.seed, state.step, state.step / r.total_steps, cfg.onpolicy_start): micro_batches, weights = _onpolicy(r, state, micro_batches, weights)
                 out = train_step(r, state, micro_batches, weights)
                 micro_batches = []
                 if out is None: continue                      # a non-finite loss: skipped, counted
@@ -494,7 +494,7 @@ def _header(r, log, state, budget) -> None:
             f"student {c.student} ({n(r.student):.1f}M) on {r.info.name} x{r.acc.num_processes}, precision {r.policy.mixed}"
             f"{', torch.compile (the first steps compile)' if r.compiled else ''}")
     if c.lmbda > 0:
-        log.say(f"kd_kaggle: on-policy on {c.lmbda:.0%} of steps: the student continues the {r.data_kind} prompts by up to {c.max_new_tokens} "
+        log.say(f"kd_kaggle: on-policy on {c.lmbda:.0%} of steps{f' from {c.onpolicy_start:.0%} of training' if c.onpolicy_start else ''}: the student continues the {r.data_kind} prompts by up to {c.max_new_tokens} "
                 f"tokens (temperature {c.sampling_temperature}), {c.divergence} KD on its samples only")
     if r.router is not None:
         r2 = ', '.join(f"{k} {v:.2f}" for k, v in r.calibration.items()) or 'not calibrated'

@@ -245,3 +245,10 @@ def test_onpolicy_refuses_chat_data(tmp_path):
     from kd_kaggle.train import train
     with pytest.raises(ValueError, match=r"KDConfig.lmbda=0.5: .* holds chat rows"):
         train(_op_cfg(tmp_path, data=str(REPO/'tests'/'fixtures'/'text'/'dolly_chat_excerpt.jsonl')))
+
+
+def test_onpolicy_start_keeps_the_first_part_off_policy(tmp_path):
+    from kd_kaggle.train import train
+    train(_op_cfg(tmp_path, lmbda=1.0, onpolicy_start=0.5, save_every=100))
+    got = _records(tmp_path/'run')
+    assert [got[s]['w_ce'] for s in range(1, 9)] == [1.0] * 4 + [0.0] * 4 and got[8]['onpolicy_steps'] == 4
