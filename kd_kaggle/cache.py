@@ -129,6 +129,7 @@ def batch_targets(teacher, batch: dict, bmap, top_k: int, temperature: float = 1
     ac = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else torch.autocast(dev.type, enabled=False)
     with ac:
         h, _ = final_hidden_states(teacher, batch['teacher_input_ids'].to(dev), batch['teacher_attention_mask'].to(dev))
+        h = h.to(dev)   # a teacher split over GPUs ends where its final norm is (pinned to the head's GPU; this keeps it safe)
         b, s = kd.nonzero(as_tuple=True)
         rows, th, parts = h[b, batch['s2t'].to(dev)[b, s]], head_spec(teacher), []
         for i in range(0, max(len(rows), 1), chunk):
@@ -144,7 +145,8 @@ def _place_teacher(cfg, policy, device, out: Path) -> tuple:
     if cfg.teacher_max_memory: mm = parse_max_memory(cfg.teacher_max_memory)
     elif device.type == 'cuda':
         mm = auto_max_memory()
-        rows = AutoConfig.from_pretrained(resolve_model(cfg.teacher, 'teacher')).vocab_size
+        conf = AutoConfig.from_pretrained(resolve_model(cfg.teacher, 'teacher'))
+        rows = getattr(conf, 'get_text_config', lambda: conf)().vocab_size   # multimodal configs keep it in the text config
         if 0 in mm: mm[0] = max(0, mm[0] - 12 * cfg.loss_chunk * rows)   # the head's fp32 logit chunks and their softmax, beside the weights
     else: mm = None
     teacher = load_teacher(cfg.teacher, policy.teacher_dtype, device, max_memory=mm, offload_dir=out/'.offload')
@@ -219,12 +221,17 @@ def _deterministic(on: bool):
 def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: Optional[int] = None, batch_size: Optional[int] = None,
                   logp_dtype: Optional[str] = None, callback=None, deterministic: bool = False) -> dict:
     "Compute (or continue) the teacher cache of `cfg` in `output`; returns a summary (see `cache_teacher_main`)."
+    out = Path(output or cfg.teacher_cache or Path(cfg.output_dir)/'teacher_cache')
+    shutil.rmtree(out/'.offload', ignore_errors=True)   # a killed run's disk-offloaded weights
+    try: return _cache_teacher(cfg, out, time_budget, shard_examples, batch_size, logp_dtype, callback, deterministic)
+    finally: shutil.rmtree(out/'.offload', ignore_errors=True)   # also after an error: offloaded weights are not left on the disk
+
+def _cache_teacher(cfg, out: Path, time_budget, shard_examples, batch_size, logp_dtype, callback, deterministic) -> dict:
     from transformers import AutoConfig
     budget = time_budget if isinstance(time_budget, Budget) else Budget(parse_duration(time_budget or cfg.time_budget))
     t0 = budget.clock()
     if cfg.top_k is None:
         raise ValueError("KDConfig.top_k=None: the teacher cache stores top-k targets; set top_k (e.g. --top-k 64: 258 bytes per KD position)")
-    out = Path(output or cfg.teacher_cache or Path(cfg.output_dir)/'teacher_cache')
     info = detect_device()
     if (msg := gpu_mismatch_message(info)): raise RuntimeError(msg)
     policy = choose_precision(cfg.precision, info)
@@ -234,7 +241,6 @@ def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: 
     want, writer = cache_identity(cfg, t_tok, s_tok), {'shard_examples': shard_examples, 'batch_size': batch_size, 'logp_dtype': logp_dtype}
     man = _resume_manifest(out, want, cfg.top_k, writer)
     if man is not None and man['complete']: return _summary(man, out, 'complete', 0, budget.clock() - t0)
-    shutil.rmtree(out/'.offload', ignore_errors=True)   # a killed run's disk-offloaded weights
     teacher, placement = _place_teacher(cfg, policy, device, out)
     device = head_spec(teacher).weight.device           # the first GPU of a teacher split over several
     check_model_limits(cfg, s_conf.vocab_size, getattr(s_conf, 'max_position_embeddings', None), max_positions(teacher))
@@ -277,7 +283,6 @@ def cache_teacher(cfg: KDConfig, output=None, time_budget=None, shard_examples: 
         if callback is not None: callback({'shard': i, 'shards': n_shards, 'done': len(man['shards']), 'rows': len(arrays['ids'])})
     bar.close()
     if not todo: man['complete'] = True; atomic_write_text(out/MANIFEST, json.dumps(man, indent=1))
-    shutil.rmtree(out/'.offload', ignore_errors=True)
     return {**_summary(man, out, 'complete' if man['complete'] else stop or 'budget', new, budget.clock() - t0), 'teacher_placement': placement}
 
 def _summary(man: dict, out: Path, reason: str, new: int, seconds: float) -> dict:

@@ -120,7 +120,7 @@ def load_records(source: str, split: str = 'train', field: str = 'data') -> tupl
 # %% ../nbs/04_data.ipynb #69bdf87f
 def data_kind(cfg) -> str:
     "The kind of `cfg.data`'s rows as the datasets are built from them: 'text', 'instruction' or 'chat'."
-    return 'text' if cfg.data_format == 'text' else load_records(cfg.data, 'train')[1]
+    return cfg.data_format if cfg.data_format in ('text', 'instruction') else load_records(cfg.data, 'train')[1]
 
 # %% ../nbs/04_data.ipynb #810d6390
 def cut_at_tokens(text: str, n_tokens: int, tok) -> tuple:

@@ -145,11 +145,13 @@ def teacher_device_map(path, dtype: torch.dtype, max_memory: dict) -> dict:
     from accelerate import init_empty_weights
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
     with init_empty_weights(), quiet_hf(): meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **_dtype_kw(dtype))
+    meta.tie_weights()   # an empty model is not tied yet: a tied head would be counted twice
     gpus = sorted(k for k in max_memory if isinstance(k, int))
     home = gpus[0] if gpus else 'cpu'
     if _bytes_of(meta) <= max_memory.get(home, 0): return {'': home}   # fits one device: never split a small teacher
     dec, head = meta.get_decoder(), meta.get_output_embeddings()
-    pinned = [m for m in (meta.get_input_embeddings(), getattr(dec, 'norm', None), getattr(dec, 'rotary_emb', None), head) if m is not None]
+    # everything of the decoder but its layer list (embeddings, final norm whatever its name, rotary/position tables) + the head
+    pinned = [m for m in dec.children() if not isinstance(m, torch.nn.ModuleList)] + [head]
     mm = dict(max_memory)
     if gpus: mm[home] = max(0, mm[home] - _bytes_of(*pinned))   # the pinned blocks' room, kept free on the first GPU
     no_split = list(getattr(meta, '_no_split_modules', None) or [])

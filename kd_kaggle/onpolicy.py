@@ -62,7 +62,9 @@ def prompt_texts(batch: dict, student_tok, lengths) -> list:
 # %% ../nbs/09e_onpolicy.ipynb #9878a154
 def continuation_text(student_tok, new_ids) -> str:
     "The text of generated ids (their bytes in the alignment's table), up to the first byte that is not part of whole UTF-8."
-    data = b''.join(token_table(student_tok).bytes[i] for i in new_ids)
+    table = token_table(student_tok).bytes
+    new_ids = list(new_ids)[:next((k for k, i in enumerate(new_ids) if not 0 <= i < len(table)), len(new_ids))]   # a padding row: not a token
+    data = b''.join(table[i] for i in new_ids)
     try: return data.decode('utf-8')
     except UnicodeDecodeError as e: return data[:e.start].decode('utf-8')
 
@@ -86,7 +88,7 @@ def _eager():
 # %% ../nbs/09e_onpolicy.ipynb #5aee232d
 @torch.no_grad()
 def sample_continuations(student, prompt_ids: list, max_new_tokens: int, temperature: float = 1.0, pad_id: int = 0,
-                         eos_id=None, generator_seed: int = 0) -> list:
+                         eos_id=None, generator_seed: int = 0, vocab_limit: Optional[int] = None) -> list:
     "New token ids `student` samples after each prompt (EOS and what follows dropped); reproducible from `generator_seed`."
     from transformers import GenerationConfig
     if temperature < 0 or max_new_tokens < 1: raise ValueError(f"need temperature >= 0 and max_new_tokens >= 1, got {temperature}, {max_new_tokens}")
@@ -95,7 +97,9 @@ def sample_continuations(student, prompt_ids: list, max_new_tokens: int, tempera
     ids, mask = torch.full((len(prompt_ids), width), pad_id), torch.zeros(len(prompt_ids), width, dtype=torch.long)
     for i, p in enumerate(prompt_ids): ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p, dtype=torch.long), 1
     sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos or None, **sampling)
+    rows = student.get_output_embeddings().weight.shape[0]   # ids >= vocab_limit are padding rows of the head, not tokens: never sampled
+    never = list(range(vocab_limit, rows)) if vocab_limit is not None and vocab_limit < rows else None
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos or None, suppress_tokens=never, **sampling)
     was_training, own = student.training, student.generation_config
     try:
         student.eval(); student.generation_config = GenerationConfig()   # its defaults would fill what `cfg` leaves unset
@@ -112,7 +116,11 @@ def onpolicy_batch(student, batch: dict, teacher_tok, student_tok, seq_len: int,
     lengths, prompts = _prompts(batch, student_tok, prompt_lengths(batch, kind, text_fraction))
     prompt_ids = [row[:n] for row, n in zip(batch['student_input_ids'].tolist(), lengths)]
     s_pad, t_pad = student_tok.pad_token_id or 0, teacher_tok.pad_token_id or 0
-    new = sample_continuations(student, prompt_ids, max_new_tokens, temperature, s_pad, student_tok.eos_token_id, seed)
+    room = seq_len - max(map(len, prompt_ids))   # what encode_examples would cut anyway (and past a model's positions)
+    if room < 1: return None, {'examples': len(prompt_ids), 'kept': 0, 'new_tokens': 0, 'finished': 0, 'no_scored': len(prompt_ids),
+                               'unspellable': 0, 'retokenized_same': float('nan')}
+    max_new_tokens = min(max_new_tokens, room)
+    new = sample_continuations(student, prompt_ids, max_new_tokens, temperature, s_pad, student_tok.eos_token_id, seed, len(student_tok))
     examples, same, counts = [], [], {}
     for prompt, p_ids, n_ids in zip(prompts, prompt_ids, new):
         rec = {'text': prompt + continuation_text(student_tok, n_ids), 'response_start': len(prompt)}
@@ -136,7 +144,7 @@ def onpolicy_micro_batches(student, batches: list, cfg, teacher_tok, student_tok
     "(the on-policy batch of each micro-batch, or the micro-batch itself where every sample was dropped; summed stats)."
     out, total = [], {}
     for i, b in enumerate(batches):
-        seed = ((cfg.seed * 1_000_003 + step) * 1009 + process) * 101 + i
+        seed = (((cfg.seed * 1_000_003 + step) * 1009 + process) * 101 + i) % 2**63   # torch seeds are 64-bit
         nb, st = onpolicy_batch(student, b, teacher_tok, student_tok, cfg.seq_len, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.sampling_temperature, seed=seed, kind=kind)
         out.append(b if nb is None else nb)

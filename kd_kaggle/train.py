@@ -183,11 +183,11 @@ def train_step(r, state, batches: list, weights: dict) -> Optional[tuple]:
     return loss, parts, grad_norm
 
 def _onpolicy(r, state, batches: list, weights: dict) -> tuple:
-    "This step's micro-batches as the student's own continuations of their prompts (kd_kaggle.onpolicy); KD only."
+    "This step's micro-batches as the student's own continuations of their prompts (kd_kaggle.onpolicy); no CE on them."
     t = time.monotonic()
     with r.acc.autocast():
         batches, st = onpolicy_micro_batches(_unwrapped(r).student, batches, r.cfg, r.t_tok, r.s_tok, r.data_kind, state.step, r.acc.process_index)
-    state.onpolicy_steps += 1; state.generate_seconds += time.monotonic() - t; state.generated_tokens += st['new_tokens']
+    state.onpolicy_steps += st['kept'] > 0; state.generate_seconds += time.monotonic() - t; state.generated_tokens += st['new_tokens']
     return batches, {**weights, 'ce': 0.0}   # no cross-entropy on the student's own text
 
 def _bad_step(r, state) -> None:
@@ -495,7 +495,7 @@ def _header(r, log, state, budget) -> None:
             f"{', torch.compile (the first steps compile)' if r.compiled else ''}")
     if c.lmbda > 0:
         log.say(f"kd_kaggle: on-policy on {c.lmbda:.0%} of steps{f' from {c.onpolicy_start:.0%} of training' if c.onpolicy_start else ''}: the student continues the {r.data_kind} prompts by up to {c.max_new_tokens} "
-                f"tokens (temperature {c.sampling_temperature}), {c.divergence} KD on its samples only")
+                f"tokens (temperature {c.sampling_temperature}), {c.divergence} KD and no CE on its samples")
     if r.router is not None:
         r2 = ', '.join(f"{k} {v:.2f}" for k, v in r.calibration.items()) or 'not calibrated'
         log.say(f"kd_kaggle: router {r.router.num_parameters() / 1e6:.2f}M parameters (lr {c.router_lr}), least-squares init R^2: {r2}")

@@ -252,3 +252,33 @@ def test_onpolicy_start_keeps_the_first_part_off_policy(tmp_path):
     train(_op_cfg(tmp_path, lmbda=1.0, onpolicy_start=0.5, save_every=100))
     got = _records(tmp_path/'run')
     assert [got[s]['w_ce'] for s in range(1, 9)] == [1.0] * 4 + [0.0] * 4 and got[8]['onpolicy_steps'] == 4
+
+
+def test_padding_rows_of_the_head_are_never_sampled_and_generation_fits_seq_len():
+    "A head with rows past the tokenizer (Qwen-style padding) that the model prefers: never sampled; no more than seq_len tokens."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from kd_kaggle.onpolicy import continuation_text
+    t, s = PAIRS['qwen2-smollm2']
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(s) + 64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, tie_word_embeddings=False))
+    with torch.no_grad(): m.lm_head.weight[len(s):] *= 50   # the padding rows dominate the logits
+    p = prompts(s)
+    free = sample_continuations(m, p, 8, 1.0, 0, None, generator_seed=0)
+    assert any(i >= len(s) for r in free for i in r)          # without a limit the model does sample them ...
+    assert continuation_text(s, [s('Hi')['input_ids'][0], len(s) + 3, 5]) == s.decode(s('Hi')['input_ids'][:1])   # ... and text stops there
+    kept = sample_continuations(m, p, 8, 1.0, 0, None, generator_seed=0, vocab_limit=len(s))
+    assert all(i < len(s) for r in kept for i in r) and all(len(r) == 8 for r in kept)
+    b = batch_of(DOLLY[:3], t, s)
+    room = 5
+    out, stats = onpolicy_batch(m, b, t, s, max(prompt_lengths(b)) + 5, max_new_tokens=100, seed=1)   # room for 5 new tokens
+    assert 0 < stats['new_tokens'] <= 3 * room, stats
+
+
+def test_onpolicy_seed_of_any_size(tmp_path):
+    from types import SimpleNamespace as NS
+    from kd_kaggle.onpolicy import onpolicy_micro_batches
+    t, s = PAIRS['demo']
+    out, st = onpolicy_micro_batches(make_demo_student(seed=1), [batch_of(DOLLY[:2], t, s)], NS(seed=2**62, seq_len=512, max_new_tokens=4,
+                                     sampling_temperature=1.0), t, s, 'instruction', step=10**9)
+    assert st['examples'] == 2
