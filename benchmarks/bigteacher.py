@@ -71,6 +71,23 @@ def _gpu_peaks() -> list:
 def _host_peak_gib() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
 
 
+class RssSampler:
+    "Peak anonymous and file-backed RSS of this process (sampled every 50 ms): safetensors' mmap pages count in ru_maxrss but are page cache."
+    def __init__(self):
+        import threading
+        self.peak, self.stop = {'RssAnon': 0, 'RssFile': 0}, threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True); self.t.start()
+    def run(self):
+        while not self.stop.is_set():
+            for line in open('/proc/self/status'):
+                k, _, v = line.partition(':')
+                if k in self.peak: self.peak[k] = max(self.peak[k], int(v.split()[0]) * 1024)
+            self.stop.wait(0.05)
+    def gib(self) -> dict:
+        self.stop.set(); self.t.join()
+        return {'host_peak_anon_gib': round(self.peak['RssAnon'] / 2**30, 2), 'host_peak_file_gib': round(self.peak['RssFile'] / 2**30, 2)}
+
+
 def cache_phase(root: Path, name: str, max_memory, examples: int, stop_after: int = 0) -> dict:
     "Build the cache `name` (optionally stopped after `stop_after` new shards, then continued in this process)."
     import torch
@@ -82,6 +99,7 @@ def cache_phase(root: Path, name: str, max_memory, examples: int, stop_after: in
         t, p = real_place(*a, **k); placed.append(p); return t, p
     kc._place_teacher = place
     _emulate_t4()
+    rss = RssSampler()
     cfg = _cfg(root, max_train_examples=examples, teacher_max_memory=max_memory)
     out, runs = root/name, []
 
@@ -99,10 +117,10 @@ def cache_phase(root: Path, name: str, max_memory, examples: int, stop_after: in
     from kd_kaggle.cache import TeacherCache
     from kd_kaggle.align import load_tokenizer
     TeacherCache.open(out, cfg, load_tokenizer(str(root/'teacher')), load_tokenizer(str(root/'student')), verify='open')   # every shard's checksum
-    return {'phase': name, 'teacher_max_memory': max_memory or 'auto', 'teacher_placement': s['teacher_placement'],
+    return {'phase': name, 'teacher_max_memory': max_memory or 'auto', 'teacher_placement': s['teacher_placement'] or placed[-1],
             'complete': s['complete'], 'examples': examples, 'cache_positions': s['rows'], 'cache_seconds': man['seconds'],
             'cache_positions_per_s': s['rows'] / man['seconds'], 'bytes': s['bytes'], 'bytes_per_position': s['bytes'] / s['rows'], 'payload_bytes_per_position': s['bytes_per_position'],
-            'teacher_bpb': (s['teacher_metrics'] or {}).get('bpb'), 'per_gpu_peak_gib': _gpu_peaks(), 'host_peak_gib': round(_host_peak_gib(), 2),
+            'teacher_bpb': (s['teacher_metrics'] or {}).get('bpb'), 'per_gpu_peak_gib': _gpu_peaks(), 'host_peak_gib': round(_host_peak_gib(), 2), **rss.gib(),
             'runs': [{**r, 'placement': p} for r, p in zip(runs, placed)], 'verified': True}
 
 

@@ -240,7 +240,7 @@ def _cache_teacher(cfg, out: Path, time_budget, shard_examples, batch_size, logp
     s_conf = AutoConfig.from_pretrained(resolve_model(cfg.student, 'student'))
     want, writer = cache_identity(cfg, t_tok, s_tok), {'shard_examples': shard_examples, 'batch_size': batch_size, 'logp_dtype': logp_dtype}
     man = _resume_manifest(out, want, cfg.top_k, writer)
-    if man is not None and man['complete']: return _summary(man, out, 'complete', 0, budget.clock() - t0)
+    if man is not None and man['complete']: return {**_summary(man, out, 'complete', 0, budget.clock() - t0), 'teacher_placement': None}
     teacher, placement = _place_teacher(cfg, policy, device, out)
     device = head_spec(teacher).weight.device           # the first GPU of a teacher split over several
     check_model_limits(cfg, s_conf.vocab_size, getattr(s_conf, 'max_position_embeddings', None), max_positions(teacher))
