@@ -148,12 +148,12 @@ def render(path: Path) -> Path:
              f"Teacher: random weights, real Qwen2.5-7B config, {r['teacher_params'] / 1e9:.2f}B parameters, "
              f"{r['teacher_bytes'] / 1e9:.1f} GB fp16 on disk. T4 emulation: fp16, {CAP_GIB:g} GiB cap per GPU, SDPA memory-efficient/math. "
              f"Command: `python benchmarks/bigteacher.py --out $OUT` on `nvidia-h200-x2`.", '',
-             '| phase | placement | positions | positions/s | GiB per GPU (peak) | host GiB (peak) | B/position on disk |', '|---|---|---|---|---|---|---|']
+             '| phase | placement | positions | positions/s | GiB per GPU (peak) | host GiB (peak: anonymous + mapped files) | B/position on disk |', '|---|---|---|---|---|---|---|']
     for name in ('two_gpus', 'offload'):
         if name in ph:
             p = ph[name]
             lines.append(f"| {name} | {', '.join(f'{d}: {n}' for d, n in p['teacher_placement'].items())} | {p['cache_positions']:,} | "
-                         f"{p['cache_positions_per_s']:,.0f} | {' / '.join(map(str, p['per_gpu_peak_gib']))} | {p['host_peak_gib']} | {p['bytes_per_position']:.1f} |")
+                         f"{p['cache_positions_per_s']:,.0f} | {' / '.join(map(str, p['per_gpu_peak_gib']))} | {p.get('host_peak_anon_gib', '?')} + {p.get('host_peak_file_gib', '?')} | {p['bytes_per_position']:.1f} |")
     if 'train' in ph:
         t = ph['train']
         lines += ['', f"Training from the two_gpus cache on one GPU (no teacher loaded): {t['steps']} steps x {t['batch']} x {t['seq_len']}, "
