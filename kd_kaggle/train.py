@@ -247,7 +247,7 @@ def _distil(r, budget, callback) -> dict:
                 micro_batches.append(batch); state.batch_in_epoch += 1
                 if len(micro_batches) < cfg.grad_accum: continue
                 weights = r.curriculum.weights(state.step / r.total_steps)
-                if is_onpolicy_step(cfg.lmbda, cfg.seed, state.step, state.step / r.total_steps, cfg.onpolicy_start): micro_batches, weights = _onpolicy(r, state, micro_batches, weights)
+                if weights['kd'] > 0 and is_onpolicy_step(cfg.lmbda, cfg.seed, state.step, state.step / r.total_steps, cfg.onpolicy_start): micro_batches, weights = _onpolicy(r, state, micro_batches, weights)
                 out = train_step(r, state, micro_batches, weights)
                 micro_batches = []
                 if out is None: continue                      # a non-finite loss: skipped, counted

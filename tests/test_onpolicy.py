@@ -282,3 +282,11 @@ def test_onpolicy_seed_of_any_size(tmp_path):
     out, st = onpolicy_micro_batches(make_demo_student(seed=1), [batch_of(DOLLY[:2], t, s)], NS(seed=2**62, seq_len=512, max_new_tokens=4,
                                      sampling_temperature=1.0), t, s, 'instruction', step=10**9)
     assert st['examples'] == 2
+
+
+def test_no_onpolicy_step_where_the_kd_weight_is_zero(tmp_path):
+    "A curriculum that switches KD off half-way: the second half stays off-policy (CE on the data), not wasted samples."
+    from kd_kaggle.train import train
+    train(_op_cfg(tmp_path, lmbda=1.0, save_every=100, curriculum={'ce': 1.0, 'kd': {'kind': 'step', 'start': 1.0, 'end': 0.0, 'begin': 0.5}}))
+    got = _records(tmp_path/'run')
+    assert got[8]['onpolicy_steps'] == sum(got[s]['w_kd'] > 0 for s in range(1, 9)) == 4   # lmbda=1: every step while KD is on
