@@ -97,7 +97,11 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
     if kind == 'chat': raise ValueError(f"KDConfig.lmbda={cfg.lmbda}: {cfg.data!r} holds chat rows, which on-policy steps do not take yet; set lmbda=0")
     t_tok = load_tokenizer(_tok_path(cfg.teacher, 'teacher')); s_tok = load_tokenizer(_tok_path(cfg.student, 'student'))
     cache = _open_cache(cfg, t_tok, s_tok)
-    teacher = None if cache else load_teacher(cfg.teacher, policy.teacher_dtype, acc.device)
+    try: teacher = None if cache else load_teacher(cfg.teacher, policy.teacher_dtype, acc.device)
+    except OOM_ERRORS:
+        raise RuntimeError(f"KDConfig.teacher={cfg.teacher!r} does not fit in {info.name}'s memory: build a teacher cache first with `kd-kaggle "
+                           "cache-teacher <these flags> --output DIR` (it splits a big teacher over the GPUs, then CPU RAM), then train with "
+                           "--teacher-cache DIR") from None
     student = load_student(cfg.student, cfg.seed).to(acc.device)
     if (fixed := fix_zero_embedding_rows(student, (s_tok.bos_token_id, s_tok.eos_token_id, s_tok.pad_token_id), cfg.seed)) and acc.is_main_process:
         print(f"kd_kaggle: student embedding rows {fixed} (special tokens) were all zero, as HF initialises a pad row; "

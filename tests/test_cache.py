@@ -244,3 +244,12 @@ def test_teacher_split_over_cpu_and_disk_gives_the_same_cache(env):
     assert s['complete'] and set(s['teacher_placement']) == {'cpu', 'disk'}, s['teacher_placement']
     assert shard_hashes(out) == shard_hashes(env['ref'])
     assert s['teacher_metrics'] == env['summary']['teacher_metrics']
+
+
+def test_a_teacher_too_big_to_train_online_points_to_the_cache(env, monkeypatch, tmp_path):
+    import kd_kaggle.train as tr
+    def oom(*a, **k): raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.00 GiB")
+    monkeypatch.setattr(tr, 'load_teacher', oom)
+    cfg = dataclasses.replace(env['cfg'], top_k=None, output_dir=str(tmp_path/'run'))
+    with pytest.raises(RuntimeError, match=r"does not fit in .*kd-kaggle cache-teacher .* --teacher-cache DIR"):
+        tr.train(cfg)
