@@ -102,6 +102,8 @@ def setup_run(cfg: KDConfig, accelerator=None) -> Run:
         raise RuntimeError(f"KDConfig.teacher={cfg.teacher!r} does not fit in {info.name}'s memory: build a teacher cache first with `kd-kaggle "
                            "cache-teacher <these flags> --output DIR` (it splits a big teacher over the GPUs, then CPU RAM), then train with "
                            "--teacher-cache DIR") from None
+    if cfg.teacher_max_memory and teacher is not None and acc.is_main_process:
+        print(f"kd_kaggle: teacher_max_memory={cfg.teacher_max_memory!r} is for cache-teacher; training keeps the online teacher on {acc.device}")
     student = load_student(cfg.student, cfg.seed).to(acc.device)
     if (fixed := fix_zero_embedding_rows(student, (s_tok.bos_token_id, s_tok.eos_token_id, s_tok.pad_token_id), cfg.seed)) and acc.is_main_process:
         print(f"kd_kaggle: student embedding rows {fixed} (special tokens) were all zero, as HF initialises a pad row; "

@@ -253,3 +253,9 @@ def test_a_teacher_too_big_to_train_online_points_to_the_cache(env, monkeypatch,
     cfg = dataclasses.replace(env['cfg'], top_k=None, output_dir=str(tmp_path/'run'))
     with pytest.raises(RuntimeError, match=r"does not fit in .*kd-kaggle cache-teacher .* --teacher-cache DIR"):
         tr.train(cfg)
+
+
+def test_teacher_max_memory_on_an_online_run_is_said_not_silently_ignored(env, tmp_path, capsys):
+    from kd_kaggle.train import setup_run
+    setup_run(dataclasses.replace(env['cfg'], teacher_max_memory='cpu=1GiB', output_dir=str(tmp_path/'run')))
+    assert "teacher_max_memory='cpu=1GiB' is for cache-teacher" in capsys.readouterr().out
