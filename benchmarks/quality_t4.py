@@ -18,7 +18,9 @@ What runs (all numbers come from kd_kaggle's own code paths except GOLD, which i
         default   KDConfig() as shipped (CE + aligned projected forward KL)       kd_kaggle.train.train
         naive_kd  the seed's id-indexed KD, T=4 x T^2, + CE                       train(), KDConfig(kd_method='seed_naive')
         gold_uld, gold_hybrid  TRL GOLD off-policy, ULD / hybrid                  benchmarks/gold_peer.train_gold
-        ablations of default: kd_w3 (KD weight 3), ce_half (CE weight 0.5), t2 (temperature 2)
+        ablations of default: kd_w3 (KD weight 3), ce_half (CE weight 0.5), t2 (temperature 2),
+                              boundary (kd_positions='boundary')
+  data 'text_short': text at half the steps and half the batch (where GOLD's text runs fit one device call).
   Same steps x batch x seq_len for every arm of a data set (equal student tokens up to GOLD's own packing and EOS).
   Every student is scored by kd_kaggle.evaluate.evaluate on the same held-out batches (bpb, agreement, KL, retention).
 - Results: --out/quality-<date>.json (schema: precision, arms: [{arm, data, seed, heldout_bpb, retention, agreement,
@@ -35,7 +37,19 @@ for p in (ROOT, ROOT / 'benchmarks'):
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 T0 = time.monotonic()
 MAIN = ('ce_only', 'default', 'naive_kd', 'gold_uld', 'gold_hybrid')
-ABLATIONS = ('kd_w3', 'ce_half', 't2')
+ABLATIONS = ('kd_w3', 'ce_half', 't2', 'boundary')
+# A data name may stand for a smaller run on another's files: text_short = text at half the steps and half the batch
+# (a quarter of the student tokens), where TRL GOLD's text runs fit one device call.
+SCALES = {'text_short': ('text', 0.5, 0.5)}
+
+
+def base_data(data: str) -> str: return SCALES.get(data, (data,))[0]
+
+
+def scaled(a, S, data: str) -> tuple:
+    "(steps, batch) of a job on `data`."
+    _, fs, fb = SCALES.get(data, (data, 1.0, 1.0))
+    return max(1, int(a.steps * fs)), max(1, int(S['batch'] * fb))
 DOLLY_ARMS = ('ce_only', 'default', 'naive_kd', 'gold_uld', 'gold_hybrid')
 
 
@@ -79,13 +93,16 @@ def arm_config(a, S, work: Path, files: dict, data: str, arm: str, seed: int, ru
     cur = {'ce': 1.0, 'kd': 1.0}
     over = {'ce_only': dict(curriculum={'ce': 1.0, 'kd': 0.0}), 'default': {}, 'kd_w3': dict(curriculum={'ce': 1.0, 'kd': 3.0}),
             'ce_half': dict(curriculum={'ce': 0.5, 'kd': 1.0}), 't2': dict(curriculum=cur, temperature=2.0),
+            'boundary': dict(curriculum=cur, kd_positions='boundary'),
             'naive_kd': dict(curriculum=cur, kd_method='seed_naive', temperature=4.0)}
     o = dict(over.get(arm, over['ce_only']))
-    o['batch_size'], o['grad_accum'] = S['batch'], 1
+    steps, batch = scaled(a, S, data)
+    o['batch_size'], o['grad_accum'] = batch, 1
     if arm == 'naive_kd' and getattr(a, 'naive_micro_batch', None):   # the seed's full logits need a smaller micro-batch
-        o['batch_size'], o['grad_accum'] = a.naive_micro_batch, S['batch'] // a.naive_micro_batch
-    return KDConfig(teacher=str(work / 'teacher'), student=str(work / f'student_s{seed}'), data=files[f'{data}_train'],
-                    eval_data=files[f'{data}_heldout'], seq_len=S['seq_len'], max_steps=a.steps, lr=a.lr,
+        o['batch_size'], o['grad_accum'] = a.naive_micro_batch, batch // a.naive_micro_batch
+    base = base_data(data)
+    return KDConfig(teacher=str(work / 'teacher'), student=str(work / f'student_s{seed}'), data=files[f'{base}_train'],
+                    eval_data=files[f'{base}_heldout'], seq_len=S['seq_len'], max_steps=steps, lr=a.lr,
                     max_train_examples=S['max_train_examples'], max_eval_examples=S['max_eval_examples'], eval_every=a.eval_every,
                     save_every=100_000, log_every=10, print_every=max(1, a.steps // 4), precision=a.precision, seed=seed,
                     compile='off', cache_dir=str(work / 'data_cache'), output_dir=str(run_dir), time_budget='60m', **o)
@@ -173,7 +190,8 @@ def gold_job(a, S, work, info, cfg, data, arm, seed, t0) -> dict:
     from kd_kaggle.train import setup_run, _eval_batches
     from kd_kaggle.evaluate import evaluate_saved
     mode = arm.split('_', 1)[1]
-    if data == 'text':
+    steps, batch = scaled(a, S, data)
+    if base_data(data) == 'text':
         from kd_kaggle.data import read_paragraphs
         texts, rows = read_paragraphs(info['files']['text_train']), None
     else:
@@ -186,16 +204,16 @@ def gold_job(a, S, work, info, cfg, data, arm, seed, t0) -> dict:
     precision = a.precision if a.precision != 'auto' else ('bf16' if _cuda() else 'fp32')   # GOLD takes an explicit one
     import torch
     tried = []
-    for accum in (2, 4, 8, 16):   # GOLD holds full fp32 logits/probabilities of both vocabularies: a user lowers the micro-batch
-        if S['batch'] % accum: continue
+    for accum in ((2, 4, 8, 16) if batch > 1 else (1,)):   # GOLD holds full fp32 logits/probabilities of both vocabularies: a user lowers the micro-batch
+        if batch % accum: continue
         try:
-            g = train_gold(work / 'teacher', cfg.student, texts, output_dir=cfg.output_dir, mode=mode, batch_size=S['batch'] // accum,
-                           grad_accum=accum, seq_len=S['seq_len'], steps=a.steps, lr=a.lr, seed=seed, precision=precision,
+            g = train_gold(work / 'teacher', cfg.student, texts, output_dir=cfg.output_dir, mode=mode, batch_size=batch // accum,
+                           grad_accum=accum, seq_len=S['seq_len'], steps=steps, lr=a.lr, seed=seed, precision=precision,
                            max_examples=0, rows=rows)
             break
         except torch.OutOfMemoryError as e:
-            tried.append(f"{S['batch'] // accum}x{accum}: OutOfMemoryError: {str(e).splitlines()[0][:200]}")
-            say(f"GOLD {mode}: out of memory at micro-batch {S['batch'] // accum}, trying a smaller one")
+            tried.append(f"{batch // accum}x{accum}: OutOfMemoryError: {str(e).splitlines()[0][:200]}")
+            say(f"GOLD {mode}: out of memory at micro-batch {batch // accum}, trying a smaller one")
             import gc; gc.collect(); torch.cuda.empty_cache()
     else: raise RuntimeError(f"GOLD ran out of memory at every micro-batch: {tried}")
     train_s = g['wall_s']
@@ -203,7 +221,7 @@ def gold_job(a, S, work, info, cfg, data, arm, seed, t0) -> dict:
     final = evaluate_saved(g['student_dir'], r.teacher, _eval_batches(r), r.vocab_map.to(r.acc.device), r.policy,
                            kd_positions=cfg.kd_positions, teacher_vocab_limit=len(r.t_tok))
     return _row(data, arm, seed, final, g['student_tokens'], time.monotonic() - t0,
-                {'steps': g['steps'], 'train_s': round(train_s, 1), 'gold_losses': g['losses'][-5:], 'micro_batch': S['batch'] // accum,
+                {'steps': g['steps'], 'train_s': round(train_s, 1), 'gold_losses': g['losses'][-5:], 'micro_batch': batch // accum,
                  'grad_accum': accum, 'oom_tries': tried, 'gold_rows': len(rows) if rows is not None else None})
 
 
@@ -287,6 +305,7 @@ def main(argv=None):
         a.precision = 'fp32' if not _cuda() else a.precision
         if not a.work.endswith('_smoke'): a.work += '_smoke'
     a.batch, a.seq_len = S['batch'], S['seq_len']
+    a.scale_info = {d: scaled(a, S, d) for d in ('text', 'dolly', *SCALES)}
     a.command = ' '.join(['python benchmarks/quality_t4.py'] + (argv if argv is not None else sys.argv[1:]))
     a.jobs = a.jobs or f"text:{','.join(MAIN + ABLATIONS)};dolly:{','.join(DOLLY_ARMS)}"
     a.passthrough = [x for x in (argv if argv is not None else sys.argv[1:])]

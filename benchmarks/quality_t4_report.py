@@ -6,8 +6,9 @@ from pathlib import Path
 RECIPE = {'ce_only': 'CE only (the student alone)', 'default': 'KDConfig() as shipped: CE + aligned projected forward KL, T=1',
           'naive_kd': "the seed's KD: id i vs id i, position i vs i, T=4 ×T², + CE", 'gold_uld': 'TRL GOLD, ULD (sorted L1), off-policy',
           'gold_hybrid': 'TRL GOLD, hybrid (matched tokens JSD/KL + ULD), off-policy', 'gold_best': 'better of gold_uld / gold_hybrid per seed',
-          'kd_w3': 'default with KD weight 3', 'ce_half': 'default with CE weight 0.5', 't2': 'default at temperature 2 (×T²)'}
-ORDER = ('ce_only', 'default', 'naive_kd', 'gold_uld', 'gold_hybrid', 'gold_best', 'kd_w3', 'ce_half', 't2')
+          'kd_w3': 'default with KD weight 3', 'ce_half': 'default with CE weight 0.5', 't2': 'default at temperature 2 (×T²)',
+          'boundary': "default with kd_positions='boundary' (every shared byte prefix, not only one-to-one tokens)"}
+ORDER = ('ce_only', 'default', 'naive_kd', 'gold_uld', 'gold_hybrid', 'gold_best', 'kd_w3', 'ce_half', 't2', 'boundary')
 
 
 def load_rows(work: Path) -> list:
@@ -81,7 +82,8 @@ def write_results(a, work: Path, out: Path, info: dict, skipped=None):
            'device': (torch.cuda.get_device_name(0) + ' (T4 emulation: fp16 autocast + GradScaler, 15 GiB cap, SDPA memory-efficient/math)')
                      if torch.cuda.is_available() else 'CPU', 'gpus': torch.cuda.device_count(), 'torch': torch.__version__,
            'transformers': transformers.__version__, 'workers': a.workers, 'threads_per_job': a.threads,
-           'settings': {'steps': a.steps, 'batch': a.batch, 'seq_len': a.seq_len, 'lr': a.lr, 'eval_every': a.eval_every, 'seeds': a.seeds},
+           'settings': {'steps': a.steps, 'batch': a.batch, 'seq_len': a.seq_len, 'lr': a.lr, 'eval_every': a.eval_every, 'seeds': a.seeds,
+                        'steps_batch_per_data': getattr(a, 'scale_info', {})},
            'setup': info, 'arms': rows, 'summary': summ, 'targets': {d: targets(summ, d) for d in summ},
            'skipped': list(skipped or []), 'command': a.command}
     old = out / f'quality-{a.date}{"-smoke" if a.smoke else ""}.json'
@@ -149,7 +151,8 @@ def markdown(doc: dict, stem: str) -> str:
           "response-only loss and response bits per byte.", '']
     for data, d in doc['summary'].items():
         ce = d.get('ce_only', {}).get('mean')
-        L += [f"## {data}: held-out bits per byte (lower is better)", '',
+        sb = (doc['settings'].get('steps_batch_per_data') or {}).get(data)
+        L += [f"## {data}: held-out bits per byte (lower is better)" + (f" — {sb[0]} steps × {sb[1]} sequences" if sb else ''), '',
               '| arm | recipe | mean ± sd | vs ce_only | per seed | retention | agreement | student tokens | wall s |', '|---|---|---|---|---|---|---|---|---|']
         runs = {r['arm']: r['run'] for r in doc['arms'] if r['data'] == data and r.get('run')}
         for arm in [x for x in ORDER if x in d] + [x for x in d if x not in ORDER]:
