@@ -18,7 +18,7 @@ What runs (all numbers come from kd_kaggle's own code paths except GOLD, which i
         default   KDConfig() as shipped (CE + aligned projected forward KL)       kd_kaggle.train.train
         naive_kd  the seed's id-indexed KD, T=4 x T^2, + CE                       train(), KDConfig(kd_method='seed_naive')
         gold_uld, gold_hybrid  TRL GOLD off-policy, ULD / hybrid                  benchmarks/gold_peer.train_gold
-        ablations of default: kd_w3 (KD weight 3), ce_half (CE weight 0.5), t2 (temperature 2),
+        ablations of default: kd_w3 / kd_w5 (KD weight 3 / 5), ce_half (CE weight 0.5), t2 (temperature 2),
                               boundary (kd_positions='boundary')
   data 'text_short': text at half the steps and half the batch (where GOLD's text runs fit one device call).
   Same steps x batch x seq_len for every arm of a data set (equal student tokens up to GOLD's own packing and EOS).
@@ -37,7 +37,7 @@ for p in (ROOT, ROOT / 'benchmarks'):
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 T0 = time.monotonic()
 MAIN = ('ce_only', 'default', 'naive_kd', 'gold_uld', 'gold_hybrid')
-ABLATIONS = ('kd_w3', 'ce_half', 't2', 'boundary')
+ABLATIONS = ('kd_w3', 'kd_w5', 'ce_half', 't2', 'boundary')
 # A data name may stand for a smaller run on another's files: text_short = text at half the steps and half the batch
 # (a quarter of the student tokens), where TRL GOLD's text runs fit one device call.
 SCALES = {'text_short': ('text', 0.5, 0.5)}
@@ -91,7 +91,7 @@ def arm_config(a, S, work: Path, files: dict, data: str, arm: str, seed: int, ru
     "The KDConfig of one job (GOLD jobs use the ce_only one for data and evaluation)."
     from kd_kaggle.config import KDConfig
     cur = {'ce': 1.0, 'kd': 1.0}
-    over = {'ce_only': dict(curriculum={'ce': 1.0, 'kd': 0.0}), 'default': {}, 'kd_w3': dict(curriculum={'ce': 1.0, 'kd': 3.0}),
+    over = {'ce_only': dict(curriculum={'ce': 1.0, 'kd': 0.0}), 'default': {}, 'kd_w3': dict(curriculum={'ce': 1.0, 'kd': 3.0}), 'kd_w5': dict(curriculum={'ce': 1.0, 'kd': 5.0}),
             'ce_half': dict(curriculum={'ce': 0.5, 'kd': 1.0}), 't2': dict(curriculum=cur, temperature=2.0),
             'boundary': dict(curriculum=cur, kd_positions='boundary'),
             'naive_kd': dict(curriculum=cur, kd_method='seed_naive', temperature=4.0)}

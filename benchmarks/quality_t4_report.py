@@ -6,9 +6,9 @@ from pathlib import Path
 RECIPE = {'ce_only': 'CE only (the student alone)', 'default': 'KDConfig() as shipped: CE + aligned projected forward KL, T=1',
           'naive_kd': "the seed's KD: id i vs id i, position i vs i, T=4 ×T², + CE", 'gold_uld': 'TRL GOLD, ULD (sorted L1), off-policy',
           'gold_hybrid': 'TRL GOLD, hybrid (matched tokens JSD/KL + ULD), off-policy', 'gold_best': 'better of gold_uld / gold_hybrid per seed',
-          'kd_w3': 'default with KD weight 3', 'ce_half': 'default with CE weight 0.5', 't2': 'default at temperature 2 (×T²)',
+          'kd_w3': 'default with KD weight 3', 'kd_w5': 'default with KD weight 5', 'ce_half': 'default with CE weight 0.5', 't2': 'default at temperature 2 (×T²)',
           'boundary': "default with kd_positions='boundary' (every shared byte prefix, not only one-to-one tokens)"}
-ORDER = ('ce_only', 'default', 'naive_kd', 'gold_uld', 'gold_hybrid', 'gold_best', 'kd_w3', 'ce_half', 't2', 'boundary')
+ORDER = ('ce_only', 'default', 'naive_kd', 'gold_uld', 'gold_hybrid', 'gold_best', 'kd_w3', 'kd_w5', 'ce_half', 't2', 'boundary')
 
 
 def load_rows(work: Path) -> list:
