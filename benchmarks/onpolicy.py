@@ -12,6 +12,7 @@ here on Austen + Bible + Dolly dev; Dolly dev = training prompts/responses, Doll
   on_policy_jsd   + lmbda=0.5, max_new_tokens=64, divergence='jsd' (beta 0.5, as TRL GKD's default)
   on_policy_late  + lmbda=0.5 from half-way (onpolicy_start=0.5): the student first learns to write the data's text
   on_policy_late_rkl, on_policy_rkl   the same with reverse KL (mode-seeking: text the teacher finds likely)
+  on_policy_late_full, on_policy_end  lmbda=1 (every step on-policy) from half-way / from 75% of the run
 Metrics per trained student, on the first `--eval-prompts` held-out Dolly examples:
   heldout_bpb                     response bits per byte (the trainer's final evaluation, all held-out examples)
   teacher_bpb_of_student_samples  the teacher's bits per byte of the student's own sampled continuations (T=1, 64 new
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / 'benchmarks'):
     if str(p) not in sys.path: sys.path.insert(0, str(p))
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-ARMS = ('off_policy', 'off_policy_x15', 'on_policy', 'on_policy_jsd', 'on_policy_late', 'on_policy_late_rkl', 'on_policy_rkl')
+ARMS = ('off_policy', 'off_policy_x15', 'on_policy', 'on_policy_jsd', 'on_policy_late', 'on_policy_late_rkl', 'on_policy_rkl',
+        'on_policy_late_full', 'on_policy_end')
 LATE = dict(lmbda=0.5, max_new_tokens=64, onpolicy_start=0.5)   # (NEW_TOKENS)
 NEW_TOKENS = 64
 
@@ -52,7 +54,8 @@ def arm_config(a, S, work: Path, info: dict, arm: str, seed: int, run_dir: Path)
     over = {'off_policy': {}, 'off_policy_x15': dict(max_steps=int(a.steps * 1.5)),
             'on_policy': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS), 'on_policy_jsd': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS, divergence='jsd'),
             'on_policy_late': LATE, 'on_policy_late_rkl': dict(LATE, divergence='rkl'),
-            'on_policy_rkl': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS, divergence='rkl')}
+            'on_policy_rkl': dict(lmbda=0.5, max_new_tokens=NEW_TOKENS, divergence='rkl'),
+            'on_policy_late_full': dict(LATE, lmbda=1.0), 'on_policy_end': dict(LATE, lmbda=1.0, onpolicy_start=0.75)}
     return dataclasses.replace(cfg, **over[arm])
 
 
