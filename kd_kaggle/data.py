@@ -218,7 +218,8 @@ _PAD = {'student_input_ids': 'spad', 'student_labels': -100, 'student_label_byte
 EXAMPLE_KEYS = tuple(_PAD)
 
 def collate(examples: list, student_pad_id: int = 0, teacher_pad_id: int = 0) -> dict:
-    "Pad `examples` (dicts of 1-D int sequences) into the batch dict of docs/batch_format.md."
+    "Pad `examples` (dicts of 1-D int sequences) on the right into the batch dict of docs/batch_format.md."
+    # Right, always: models.final_hidden_states runs causal models without the mask because of it.
     if not examples: raise ValueError("collate got an empty list of examples")
     ls = max(len(e['student_input_ids']) for e in examples); lt = max(len(e['teacher_input_ids']) for e in examples)
     batch = {}

@@ -50,10 +50,10 @@ def _head_logits(model, h: torch.Tensor) -> torch.Tensor:
     if not torch.is_autocast_enabled(h.device.type): h = h.to(next(head.parameters()).dtype)
     return head(h).float()
 
-def _forward(model, ids, mask, policy=None):
+def _forward(model, ids, policy=None):
     "Final hidden states [B,T,H] (or float logits [B,T,V]) and a function mapping rows of them to float32 logits."
-    dev = _device(model)
-    ids, mask = ids.to(dev), mask.to(dev)
+    ids = ids.to(_device(model))
+    mask = None   # batches are right-padded: a causal model needs no mask (see models.final_hidden_states)
     with _autocast(model, policy):
         if _plain_head(model):
             h = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0]
@@ -134,7 +134,7 @@ def _accumulate(models: dict, batches: Iterable, vocab_map=None, policy=None, kd
         out, hid = [], {}
         for s in sides:
             model = models[s]
-            h, fn = _forward(model, batch[f'{s}_input_ids'], batch[f'{s}_attention_mask'], policy)
+            h, fn = _forward(model, batch[f'{s}_input_ids'], policy)
             labels = batch[f'{s}_labels'].to(h.device)
             sel = labels != -100
             nbytes = int(batch[f'{s}_label_bytes'].to(sel.device)[sel].sum())

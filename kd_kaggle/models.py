@@ -202,9 +202,13 @@ def head_spec(model) -> HeadSpec:
     return HeadSpec(head.weight, getattr(head, 'bias', None), getattr(cfg, 'final_logit_softcapping', None),
                     getattr(cfg, 'logit_scale', None))
 
-def final_hidden_states(model, input_ids, attention_mask=None, all_layers: bool = False):
+def final_hidden_states(model, input_ids, attention_mask=None, all_layers: bool = False, right_padded: bool = True):
     "Run the decoder stack only: (last hidden state after the final norm, all hidden states or None)."
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers, use_cache=False)
+    # A right-padded batch (every kd_kaggle loader's) needs no mask in a causal decoder: no real position attends to the
+    # padding after it. Without one, SDPA takes its causal kernel: half the tiles, no [B,1,T,T] bias to read, and no
+    # host sync for transformers to find out whether the mask has padding. `right_padded=False` passes the mask on.
+    mask = None if right_padded else attention_mask
+    out = model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=all_layers, use_cache=False)
     return out.last_hidden_state, (out.hidden_states if all_layers else None)
 
 def num_layers(model) -> int: return model.config.num_hidden_layers

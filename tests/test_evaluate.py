@@ -123,9 +123,9 @@ def test_oom_batch_is_split_not_fatal(data, monkeypatch):
     s, t = _student(), _teacher()
     ref = evaluate(s, t, data, VMAP)
     real = ev_mod._forward
-    def tight(model, ids, mask, policy=None):
+    def tight(model, ids, policy=None):
         if ids.shape[0] > 1: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
-        return real(model, ids, mask, policy)
+        return real(model, ids, policy)
     monkeypatch.setattr(ev_mod, '_forward', tight)
     out = evaluate(s, t, data, VMAP)
     for k in ('student_bpb', 'teacher_bpb', 'kl', 'agreement'): assert out[k] == pytest.approx(ref[k], rel=1e-5)
