@@ -109,6 +109,20 @@ def sample_continuations(student, prompt_ids: list, max_new_tokens: int, tempera
     rows = out[:, width:].tolist()
     return [r[:next((k for k, t in enumerate(r) if t in eos), len(r))] for r in rows]
 
+# %% ../nbs/09e_onpolicy.ipynb #5dff0322
+def _encode_each(recs: list, teacher_tok, student_tok, seq_len: int) -> tuple:
+    "(examples, index of each one's record, drop counts): one batched encode; one by one only when a record is dropped."
+    counts = {}
+    cols = encode_examples(recs, teacher_tok, student_tok, seq_len, counts)
+    kept = list(range(len(recs)))
+    if len(cols['student_input_ids']) != len(recs):   # rare: find out which records were dropped
+        counts, parts, kept = {}, [], []
+        for i, rec in enumerate(recs):
+            c = encode_examples([rec], teacher_tok, student_tok, seq_len, counts)
+            if c['student_input_ids']: parts.append(c); kept.append(i)
+        cols = {k: [v for c in parts for v in c[k]] for k in cols}
+    return [{k: v[j] for k, v in cols.items()} for j in range(len(kept))], kept, counts
+
 # %% ../nbs/09e_onpolicy.ipynb #bd8931f9
 def onpolicy_batch(student, batch: dict, teacher_tok, student_tok, seq_len: int, *, max_new_tokens: int, temperature: float = 1.0,
                    seed: int = 0, kind: str = 'instruction', text_fraction: float = 0.5, device=None) -> tuple:
@@ -121,13 +135,9 @@ def onpolicy_batch(student, batch: dict, teacher_tok, student_tok, seq_len: int,
                                'unspellable': 0, 'retokenized_same': float('nan')}
     max_new_tokens = min(max_new_tokens, room)
     new = sample_continuations(student, prompt_ids, max_new_tokens, temperature, s_pad, student_tok.eos_token_id, seed, len(student_tok))
-    examples, same, counts = [], [], {}
-    for prompt, p_ids, n_ids in zip(prompts, prompt_ids, new):
-        rec = {'text': prompt + continuation_text(student_tok, n_ids), 'response_start': len(prompt)}
-        cols = encode_examples([rec], teacher_tok, student_tok, seq_len, counts)
-        if not cols['student_input_ids']: continue
-        examples.append({k: v[0] for k, v in cols.items()})
-        ids = examples[-1]['student_input_ids']; same.append(ids == (p_ids + n_ids)[:len(ids)])
+    recs = [{'text': p + continuation_text(student_tok, n), 'response_start': len(p)} for p, n in zip(prompts, new)]
+    examples, kept, counts = _encode_each(recs, teacher_tok, student_tok, seq_len)
+    same = [ex['student_input_ids'] == (prompt_ids[i] + new[i])[:len(ex['student_input_ids'])] for ex, i in zip(examples, kept)]
     stats = {'examples': len(new), 'kept': len(examples), 'new_tokens': sum(map(len, new)),
              'finished': sum(len(x) < max_new_tokens for x in new), 'no_scored': counts.get('no_scored', 0),
              'unspellable': counts.get('unspellable', 0), 'retokenized_same': sum(same) / len(same) if same else float('nan')}
