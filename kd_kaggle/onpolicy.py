@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from .align import token_table
 from .data import collate, encode_examples
+from .models import max_positions
 
 # %% auto #0
 __all__ = ['prompt_lengths', 'prompt_texts', 'continuation_text', 'sample_continuations', 'onpolicy_batch', 'is_onpolicy_step',
@@ -130,16 +131,19 @@ def onpolicy_batch(student, batch: dict, teacher_tok, student_tok, seq_len: int,
     lengths, prompts = _prompts(batch, student_tok, prompt_lengths(batch, kind, text_fraction))
     prompt_ids = [row[:n] for row, n in zip(batch['student_input_ids'].tolist(), lengths)]
     s_pad, t_pad = student_tok.pad_token_id or 0, teacher_tok.pad_token_id or 0
-    room = seq_len - max(map(len, prompt_ids))   # what encode_examples would cut anyway (and past a model's positions)
-    if room < 1: return None, {'examples': len(prompt_ids), 'kept': 0, 'new_tokens': 0, 'finished': 0, 'no_scored': len(prompt_ids),
-                               'unspellable': 0, 'retokenized_same': float('nan')}
-    max_new_tokens = min(max_new_tokens, room)
-    new = sample_continuations(student, prompt_ids, max_new_tokens, temperature, s_pad, student_tok.eos_token_id, seed, len(student_tok))
+    rooms = [seq_len - len(p) for p in prompt_ids]   # each row's room: encode_examples would cut the rest anyway
+    cap = min(max_new_tokens, max(rooms))             # the row with the shortest prompt sets how long sampling runs
+    if (limit := max_positions(student)): cap = min(cap, limit - max(map(len, prompt_ids)))   # no row past a position table
+    if cap < 1: return None, {'examples': len(prompt_ids), 'kept': 0, 'new_tokens': 0, 'finished': 0, 'no_scored': len(prompt_ids),
+                              'unspellable': 0, 'retokenized_same': float('nan')}
+    new = sample_continuations(student, prompt_ids, cap, temperature, s_pad, student_tok.eos_token_id, seed, len(student_tok))
+    finished = sum(len(x) < cap for x in new)
+    new = [x[:max(0, room)] for x, room in zip(new, rooms)]
     recs = [{'text': p + continuation_text(student_tok, n), 'response_start': len(p)} for p, n in zip(prompts, new)]
     examples, kept, counts = _encode_each(recs, teacher_tok, student_tok, seq_len)
     same = [ex['student_input_ids'] == (prompt_ids[i] + new[i])[:len(ex['student_input_ids'])] for ex, i in zip(examples, kept)]
     stats = {'examples': len(new), 'kept': len(examples), 'new_tokens': sum(map(len, new)),
-             'finished': sum(len(x) < max_new_tokens for x in new), 'no_scored': counts.get('no_scored', 0),
+             'finished': finished, 'no_scored': counts.get('no_scored', 0),
              'unspellable': counts.get('unspellable', 0), 'retokenized_same': sum(same) / len(same) if same else float('nan')}
     if not examples: return None, stats
     dev = batch['student_input_ids'].device if device is None else device

@@ -189,12 +189,13 @@ def train_step(r, state, batches: list, weights: dict) -> Optional[tuple]:
     return loss, parts, grad_norm
 
 def _onpolicy(r, state, batches: list, weights: dict) -> tuple:
-    "This step's micro-batches as the student's own continuations of their prompts (kd_kaggle.onpolicy); no CE on them."
+    "(micro-batches, weights, on-policy?): the student's own continuations of the prompts (kd_kaggle.onpolicy), no CE on them."
     t = time.monotonic()
     with r.acc.autocast():
-        batches, st = onpolicy_micro_batches(_unwrapped(r).student, batches, r.cfg, r.t_tok, r.s_tok, r.data_kind, state.step, r.acc.process_index)
-    state.onpolicy_steps += st['kept'] > 0; state.generate_seconds += time.monotonic() - t; state.generated_tokens += st['new_tokens']
-    return batches, {**weights, 'ce': 0.0}   # no cross-entropy on the student's own text
+        new, st = onpolicy_micro_batches(_unwrapped(r).student, batches, r.cfg, r.t_tok, r.s_tok, r.data_kind, state.step, r.acc.process_index)
+    state.generate_seconds += time.monotonic() - t; state.generated_tokens += st['new_tokens']   # spent even if the step is skipped
+    if not st['kept']: return batches, weights, False   # every sample dropped: an ordinary off-policy step, CE included
+    return new, {**weights, 'ce': 0.0}, True   # no CE on the student's own text (a micro-batch that fell back keeps KD only)
 
 def _bad_step(r, state) -> None:
     "A non-finite loss: drop the gradients, count it, abort after `max_bad_steps` in a row."
@@ -253,10 +254,12 @@ def _distil(r, budget, callback) -> dict:
                 micro_batches.append(batch); state.batch_in_epoch += 1
                 if len(micro_batches) < cfg.grad_accum: continue
                 weights = r.curriculum.weights(state.step / r.total_steps)
-                if weights['kd'] > 0 and is_onpolicy_step(cfg.lmbda, cfg.seed, state.step, state.step / r.total_steps, cfg.onpolicy_start): micro_batches, weights = _onpolicy(r, state, micro_batches, weights)
+                on = weights['kd'] > 0 and is_onpolicy_step(cfg.lmbda, cfg.seed, state.step, state.step / r.total_steps, cfg.onpolicy_start)
+                if on: micro_batches, weights, on = _onpolicy(r, state, micro_batches, weights)
                 out = train_step(r, state, micro_batches, weights)
                 micro_batches = []
-                if out is None: continue                      # a non-finite loss: skipped, counted
+                if out is None: continue                      # a non-finite loss: skipped, counted (and drawn again)
+                state.onpolicy_steps += on
                 loss, parts, grad_norm = out
                 now = time.monotonic(); budget.record('step', now - t_step); t_step = now
                 if not warned and (msg := _eta_warning(r, state, budget, state.step - first_step)): log.say(msg); warned = True

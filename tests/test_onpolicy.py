@@ -270,9 +270,37 @@ def test_padding_rows_of_the_head_are_never_sampled_and_generation_fits_seq_len(
     kept = sample_continuations(m, p, 8, 1.0, 0, None, generator_seed=0, vocab_limit=len(s))
     assert all(i < len(s) for r in kept for i in r) and all(len(r) == 8 for r in kept)
     b = batch_of(DOLLY[:3], t, s)
-    room = 5
-    out, stats = onpolicy_batch(m, b, t, s, max(prompt_lengths(b)) + 5, max_new_tokens=100, seed=1)   # room for 5 new tokens
-    assert 0 < stats['new_tokens'] <= 3 * room, stats
+    L = prompt_lengths(b); seq = max(L) + 5                   # the longest prompt leaves room for 5 new tokens
+    out, stats = onpolicy_batch(m, b, t, s, seq, max_new_tokens=100, seed=1)
+    assert 0 < stats['new_tokens'] <= sum(seq - n for n in L), stats
+    assert out['student_attention_mask'].sum(1).max() <= seq
+
+
+def _random_student(s, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(s), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, **kw))
+
+
+def test_a_long_prompt_does_not_shorten_the_other_rows_samples():
+    "Each row samples up to its own room (seq_len minus its prompt), not the room the longest prompt leaves."
+    t, s = PAIRS['qwen2-smollm2']
+    b = batch_of(DOLLY[:4], t, s)
+    L = prompt_lengths(b); seq = max(L) + 3
+    assert max(L) - min(L) > 20, L                            # the fixture rows differ enough for this test to mean something
+    out, st = onpolicy_batch(_random_student(s), b, t, s, seq, max_new_tokens=16, seed=0)
+    assert st['new_tokens'] > 4 * 3, st                       # more than every row limited to the longest prompt's room
+    assert out['student_attention_mask'].sum(1).max() <= seq
+
+
+def test_samples_stop_at_the_students_position_table():
+    "A student with learned-size positions: no row runs past them, whatever seq_len allows."
+    t, s = PAIRS['qwen2-smollm2']
+    b = batch_of(DOLLY[:4], t, s)
+    L = prompt_lengths(b)
+    out, st = onpolicy_batch(_random_student(s, max_position_embeddings=max(L) + 6), b, t, s, max(L) + 100, max_new_tokens=50, seed=0)
+    assert 0 < st['new_tokens'] <= 4 * 6, st
 
 
 def test_onpolicy_seed_of_any_size(tmp_path):
@@ -290,3 +318,26 @@ def test_no_onpolicy_step_where_the_kd_weight_is_zero(tmp_path):
     train(_op_cfg(tmp_path, lmbda=1.0, save_every=100, curriculum={'ce': 1.0, 'kd': {'kind': 'step', 'start': 1.0, 'end': 0.0, 'begin': 0.5}}))
     got = _records(tmp_path/'run')
     assert got[8]['onpolicy_steps'] == sum(got[s]['w_kd'] > 0 for s in range(1, 9)) == 4   # lmbda=1: every step while KD is on
+
+
+def test_a_step_whose_samples_were_all_dropped_is_an_ordinary_step(tmp_path, monkeypatch):
+    "Nothing sampled could be scored: the step trains on the data with CE as usual, and is not counted as on-policy."
+    import kd_kaggle.train as tr
+    monkeypatch.setattr(tr, 'onpolicy_micro_batches', lambda student, batches, *a, **k: (batches, {'examples': 4, 'kept': 0, 'new_tokens': 0}))
+    tr.train(_op_cfg(tmp_path, lmbda=1.0, max_steps=3, save_every=100))
+    got = _records(tmp_path/'run')
+    assert [got[s]['w_ce'] for s in (1, 2, 3)] == [1.0] * 3 and got[3]['onpolicy_steps'] == 0
+
+
+def test_a_skipped_onpolicy_step_is_counted_once(tmp_path, monkeypatch):
+    "A non-finite loss: the step is drawn and sampled again, but counted once, when it is taken."
+    import kd_kaggle.train as tr
+    real, calls = tr.Distiller.forward, {'n': 0}
+    def forward(self, batch, weights, **kw):
+        loss, parts = real(self, batch, weights, **kw)
+        calls['n'] += 1
+        return (loss * float('nan'), parts) if calls['n'] == 2 else (loss, parts)   # step index 1's first try
+    monkeypatch.setattr(tr.Distiller, 'forward', forward)
+    tr.train(_op_cfg(tmp_path, lmbda=1.0, max_steps=4, save_every=100))
+    got = _records(tmp_path/'run')
+    assert got[4]['skipped'] == 1 and got[4]['onpolicy_steps'] == 4
