@@ -17,7 +17,8 @@ from .env import quiet_hf, hf_offline
 # %% auto #0
 __all__ = ['resolve_model', 'keep_rotary_in_autocast_dtype', 'check_vocab_fits', 'load_teacher', 'load_student',
            'auto_max_memory', 'teacher_device_map', 'placement_summary', 'fix_zero_embedding_rows', 'HeadSpec',
-           'head_spec', 'final_hidden_states', 'num_layers', 'max_positions', 'compile_choice', 'compile_layers']
+           'head_spec', 'decoder_body', 'final_hidden_states', 'num_layers', 'max_positions', 'compile_choice',
+           'compile_layers']
 
 # %% ../nbs/08_models.ipynb #8a1bb2e4
 def _dtype_kw(dtype) -> dict:
@@ -202,13 +203,22 @@ def head_spec(model) -> HeadSpec:
     return HeadSpec(head.weight, getattr(head, 'bias', None), getattr(cfg, 'final_logit_softcapping', None),
                     getattr(cfg, 'logit_scale', None))
 
+def decoder_body(model):
+    "The decoder stack of a causal LM (the part before its head), also where `base_model` is the whole model."
+    body = getattr(model, 'base_model', model)
+    if body is model: body = getattr(model, 'model', None)   # e.g. Llama4ForCausalLM; Gemma3ForCausalLM on transformers 4.x
+    if body is None or body is model:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder stack (neither .base_model nor .model is one); "
+                         "kd_kaggle needs a causal LM whose decoder returns last_hidden_state")
+    return body
+
 def final_hidden_states(model, input_ids, attention_mask=None, all_layers: bool = False, right_padded: bool = True):
     "Run the decoder stack only: (last hidden state after the final norm, all hidden states or None)."
     # A right-padded batch (every kd_kaggle loader's) needs no mask in a causal decoder: no real position attends to the
     # padding after it. Without one, SDPA takes its causal kernel: half the tiles, no [B,1,T,T] bias to read, and no
     # host sync for transformers to find out whether the mask has padding. `right_padded=False` passes the mask on.
     mask = None if right_padded else attention_mask
-    out = model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=all_layers, use_cache=False)
+    out = decoder_body(model)(input_ids=input_ids, attention_mask=mask, output_hidden_states=all_layers, use_cache=False)
     return out.last_hidden_state, (out.hidden_states if all_layers else None)
 
 def num_layers(model) -> int: return model.config.num_hidden_layers
@@ -227,7 +237,7 @@ _COMPILED = {'layers': 0}
 
 def compile_layers(model, backend: str = 'inductor') -> int:
     "Compile each decoder layer of `model` in place (identical layers hit inductor's cache; errors stay eager); returns how many."
-    layers = getattr(model.base_model, 'layers', None)
+    layers = getattr(decoder_body(model), 'layers', None)
     if layers is None: return 0
     try:
         import torch._dynamo
