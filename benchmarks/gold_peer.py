@@ -175,7 +175,10 @@ def train_gold(teacher_dir, student_dir, texts, *, output_dir, mode='uld', batch
     dest = Path(output_dir)/'student'
     trainer.model.save_pretrained(dest); trainer.processing_class.save_pretrained(dest)
     losses = [(h['step'], h['loss']) for h in trainer.state.log_history if 'loss' in h]
-    return dict(wall_s=wall, student_tokens=int(trainer.state.num_input_tokens_seen), steps=trainer.state.global_step,
+    # GOLD's dataloader yields a whole generation batch (batch_size x grad_accum rows) and slices it itself; Trainer counts
+    # that batch at every micro-step, so its counter is grad_accum x the tokens trained on.
+    tokens = int(trainer.state.num_input_tokens_seen) // max(1, trainer.args.gradient_accumulation_steps)
+    return dict(wall_s=wall, student_tokens=tokens, steps=trainer.state.global_step,
                 student_dir=str(dest), losses=losses)
 
 
