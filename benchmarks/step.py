@@ -13,6 +13,8 @@ Variants (same model files, same data, same batch sizes):
   default  `kd_kaggle.train.setup_run(KDConfig(...))` + `kd_kaggle.train.train_step`: exactly the trainer's step
   cached   the same with `teacher_cache` (built first by `kd_kaggle.cache.cache_teacher`, top-64): no teacher on the GPU
   *_eager  the same with KDConfig(compile='off') (default and cached compile their decoder layers on a CUDA GPU)
+  *_masked the same with the attention masks passed to the models, as before 2026-11-30 (today right-padded batches run
+           without them: SDPA's causal kernel); the contrast that measures that change
   naive    the seed's step: full student and teacher logits, id-truncated KL at T=4 x T^2 (KDConfig(kd_method='seed_naive'),
            through the same train_step)
            + CE, on the same models, optimizer, scaler and autocast as `default` (the loss is the only difference)
@@ -20,7 +22,9 @@ Rows: {variant, pair, batch, seq, tok_s, peak_gib, kernel_ms, gemm_ms, oom, ...}
 wall second; kernel_ms = summed CUDA kernel time of one step (torch.profiler), gemm_ms its GEMM part; host_syncs = calls
 of cudaStreamSynchronize/cudaDeviceSynchronize/cudaMemcpy (D2H) per step; pad_frac = padded share of the student batch.
 """
-import argparse, gc, json, re, statistics, sys, tempfile, time, traceback
+import argparse, contextlib, gc, json, re, statistics, sys, tempfile, time, traceback
+from functools import partial
+from unittest import mock
 from pathlib import Path
 import torch
 
@@ -131,6 +135,7 @@ def main():
     ap.add_argument('--stem', default=None, help='file name stem (default step-<date>)')
     args = ap.parse_args()
     from kd_kaggle.config import KDConfig
+    from kd_kaggle.models import final_hidden_states
     from kd_kaggle.demo import demo_corpus
     from kd_kaggle.train import demo_config
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +169,9 @@ def main():
             except Exception as e:
                 rows.append(dict(variant=variant, pair=pair, error=f'setup: {type(e).__name__}: {e}'[:300])); traceback.print_exc(); continue
             step = library_step(r)
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            masked = mock.patch('kd_kaggle.distill.final_hidden_states', partial(final_hidden_states, right_padded=False)) \
+                if '_masked' in variant else contextlib.nullcontext()
+            with masked, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
                 for b in batch_sizes:
                     row = measure(variant, pair, r, step, b, args); rows.append(row)
                     if row['oom']: break                      # larger batches will not fit either
