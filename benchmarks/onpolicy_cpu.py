@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 ARMS = {'off_policy': {}, 'on_policy_late': dict(lmbda=0.5, onpolicy_start=0.5, max_new_tokens=48),
-        'on_policy_late_all': dict(lmbda=1.0, onpolicy_start=0.5, max_new_tokens=48)}
+        'on_policy_late_all': dict(lmbda=1.0, onpolicy_start=0.5, max_new_tokens=48),
+        'on_policy_late_all_rkl': dict(lmbda=1.0, onpolicy_start=0.5, max_new_tokens=48, divergence='rkl'),
+        'on_policy_late_all_jsd': dict(lmbda=1.0, onpolicy_start=0.5, max_new_tokens=48, divergence='jsd', jsd_beta=0.9),
+        'on_policy_late_all_onrkl': dict(lmbda=1.0, onpolicy_start=0.5, max_new_tokens=48, onpolicy_divergence='rkl'),
+        'on_policy_late_mix_onrkl': dict(lmbda=0.5, onpolicy_start=0.5, max_new_tokens=48, onpolicy_divergence='rkl')}
 
 
 def samples_bpb(cfg, run_dir: Path, n: int = 64) -> float:
@@ -40,12 +44,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', required=True); ap.add_argument('--work', default='/tmp/kd_onpolicy_cpu')
     ap.add_argument('--seeds', default='0,1,2'); ap.add_argument('--steps', type=int, default=240)
+    ap.add_argument('--arms', default=','.join(ARMS))
     a = ap.parse_args()
     from kd_kaggle.train import demo_config
     torch.set_num_threads(2)
     rows = []
     for seed in map(int, a.seeds.split(',')):
-        for arm, over in ARMS.items():
+        for arm, over in ((x, ARMS[x]) for x in a.arms.split(',')):
             run = Path(a.work) / f'{arm}-s{seed}'
             cfg = demo_config(run, seed=seed, max_steps=a.steps, resume=None, eval_every=10**6, save_every=10**6, print_every=10**6,
                               cache_dir=str(Path(a.work) / 'data'), **over)
@@ -55,7 +60,7 @@ def main():
                          'wall_s': round(wall, 1), 'onpolicy_steps': last.get('onpolicy_steps', 0), 'generate_s': round(last.get('generate_s', 0.0), 1)})
             print(json.dumps(rows[-1]), flush=True)
     summary = {arm: {k: statistics.mean(r[k] for r in rows if r['arm'] == arm) for k in ('heldout_bpb', 'teacher_bpb_of_student_samples', 'wall_s')}
-               for arm in ARMS}
+               for arm in a.arms.split(',')}
     Path(a.out).write_text(json.dumps({'machine': 'CPU (2 cores), fp32', 'command': 'python benchmarks/onpolicy_cpu.py --out ' + a.out,
                                        'steps': a.steps, 'arms': rows, 'summary': summary}, indent=1))
     for arm, s in summary.items(): print(arm, {k: round(v, 4) for k, v in s.items()})

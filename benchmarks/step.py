@@ -114,10 +114,10 @@ def measure(variant, pair, r, step, b, args) -> dict:
         if torch.cuda.is_available(): row['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
         if args.profile_steps: row.update(profile(step, batches, args.profile_steps))
         if row.get('kernel_ms'): row['kernel_us_per_token'] = 1e3 * row['kernel_ms'] / row['tokens_per_step']
-    except torch.OutOfMemoryError as e:
-        row['oom'] = True; row['note'] = str(e).split('\n')[0][:160]
     except Exception as e:
-        row['error'] = f'{type(e).__name__}: {str(e)[:300]}'; traceback.print_exc()
+        if isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e):   # train_step re-raises an OOM with advice
+            row['oom'] = True; row['note'] = str(e).split('\n')[0][:160]
+        else: row['error'] = f'{type(e).__name__}: {str(e)[:300]}'; traceback.print_exc()
     r.optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
@@ -147,6 +147,12 @@ def main():
         use_repeat_kv_for_sdpa()
     from torch.nn.attention import sdpa_kernel, SDPBackend
     rows, batch_sizes = [], [int(x) for x in args.batches.split(',')]
+    meta = {'date': args.date, 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu',
+            'torch': torch.__version__, 'cap_gib': args.cap_gib, 'seq': args.seq, 'warmup': args.warmup, 'steps': args.steps,
+            'profile_steps': args.profile_steps, 't4_emulation': torch.cuda.is_available(), 'command': ' '.join(sys.argv)}
+    dest = out/f"{args.stem or f'step-{args.date}'}.json"
+    def save():   # after every row: a run cut short by a time limit keeps what it measured
+        tmp = dest.with_suffix('.tmp'); tmp.write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1)); tmp.replace(dest)
     for pair in args.pairs.split(','):
         if pair == 'demo': base = dict(demo_config(str(work/'base')).__dict__)
         else:
@@ -173,16 +179,12 @@ def main():
                 if '_masked' in variant else contextlib.nullcontext()
             with masked, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
                 for b in batch_sizes:
-                    row = measure(variant, pair, r, step, b, args); rows.append(row)
+                    row = measure(variant, pair, r, step, b, args); rows.append(row); save()
                     if row['oom']: break                      # larger batches will not fit either
             del r, step; gc.collect()
             if torch.cuda.is_available(): torch.cuda.empty_cache()
-    meta = {'date': args.date, 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu',
-            'torch': torch.__version__, 'cap_gib': args.cap_gib, 'seq': args.seq, 'warmup': args.warmup, 'steps': args.steps,
-            'profile_steps': args.profile_steps, 't4_emulation': torch.cuda.is_available()}
-    stem = args.stem or f'step-{args.date}'
-    (out/f'{stem}.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1))
-    print('wrote', out/f'{stem}.json')
+    save()
+    print('wrote', dest)
 
 if __name__ == '__main__':
     main()

@@ -142,6 +142,8 @@ class KDConfig:
     lmbda: float = _f(0.0, "share of optimizer steps on the student's own samples (TRL GKD's lmbda); 0 = off-policy only")
     max_new_tokens: int = _f(128, "on-policy: tokens the student samples per prompt")
     sampling_temperature: float = _f(1.0, "on-policy: the student's sampling temperature (0 = greedy)")
+    onpolicy_divergence: Optional[str] = _f(None, "on-policy: the divergence on the student's own samples (None = `divergence`); "
+                                                  "rkl, or jsd with a high jsd_beta, pulls the student toward the teacher's modes")
     onpolicy_start: float = _f(0.0, "on-policy: progress (0-1) from which steps may be on-policy; a student that has not learnt the data "
                                     "yet samples noise (GKD starts from a fine-tuned student)")
     curriculum: dict = _f(default_curriculum(), "per-term weight schedules over progress (ce, kd, feat, layer, attn, contr); terms not listed are off")
@@ -228,6 +230,10 @@ def validate_config(c: KDConfig) -> None:
     _check_num(c, 'lmbda', 0.0, 1.0, 0.5)
     _check_int(c, 'max_new_tokens', 1, 128)
     _check_num(c, 'sampling_temperature', 0.0, 10.0, 1.0)
+    if c.onpolicy_divergence is not None:
+        _check_choice(c, 'onpolicy_divergence', DIVERGENCES)
+        if c.top_k is not None and c.onpolicy_divergence in ('uld', 'hybrid'):
+            _bad('onpolicy_divergence', c.onpolicy_divergence, f"cannot be combined with top_k={c.top_k} (ULD compares full distributions)", 'rkl')
     _check_num(c, 'onpolicy_start', 0.0, 1.0, 0.5)
     if c.lmbda > 0:   # the student's samples exist only during training: the teacher must be there to score them
         if c.teacher_cache: _bad('lmbda', c.lmbda, "needs the teacher online: no cache can hold the student's future samples (set teacher_cache=None, or lmbda=0)", 0.0)

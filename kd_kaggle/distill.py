@@ -53,14 +53,15 @@ class Distiller(nn.Module):
             t_at = (torch.arange(labels.shape[0], device=labels.device)[:, None] * t_last.shape[1] + batch['s2t'].clamp_min(0)).flatten()
             teacher_rows = OnlineTeacher(t_last.flatten(0, 1).index_select(0, t_at.index_select(0, rows)), th.weight, th.bias, th.scale, th.softcap)
         sh = head_spec(self.student)
+        divergence = (batch.get('onpolicy') and cfg.onpolicy_divergence) or cfg.divergence   # the student's samples may have their own
         out = fused_distill_loss(s_last.flatten(0, 1).index_select(0, rows), sh.weight, labels.flatten().index_select(0, rows),
                                  kd_mask.flatten().index_select(0, rows), teacher=teacher_rows, check_inputs=False,
                                  vocab_map=self._bucket_map(sh.weight.shape[0]) if isinstance(teacher_rows, OnlineTeacher) else None,
-                                 divergence=cfg.divergence, temperature=cfg.temperature, scale_t2=cfg.t2_scaling,
+                                 divergence=divergence, temperature=cfg.temperature, scale_t2=cfg.t2_scaling,
                                  ce_weight=w['ce'], kd_weight=w['kd'] if teacher_rows is not None else 0.0,
                                  chunk_size=cfg.loss_chunk, student_head_bias=sh.bias, logit_softcap=sh.softcap,
                                  logit_scale=sh.scale, teacher_vocab_limit=self.teacher_vocab_limit,
-                                 check_finite=False, mean_over=mean_over, **self._kd_options())
+                                 check_finite=False, mean_over=mean_over, **self._kd_options(divergence))
         loss = out.loss
         parts = {'ce': out.ce, 'kd_raw': out.kd_raw, 'kd': out.kd, 'n_kd': out.n_kd, 'n_ce': out.n_ce}
         if router_on:   # router terms are means over this micro-batch: weigh them by its share of the step's tokens
@@ -94,9 +95,9 @@ class Distiller(nn.Module):
             self._bmap = bucket_map(self.vocab_map, student_vocab, self.teacher_vocab_limit)
         return self._bmap
 
-    def _kd_options(self) -> dict:
+    def _kd_options(self, divergence: str) -> dict:
         c = self.cfg
-        opts = {'beta': c.jsd_beta} if c.divergence == 'jsd' else {'alpha': c.skew_alpha} if c.divergence in ('skl', 'srkl') else {}
+        opts = {'beta': c.jsd_beta} if divergence == 'jsd' else {'alpha': c.skew_alpha} if divergence in ('skl', 'srkl') else {}
         if c.top_k is not None: opts['top_k'] = c.top_k
         return opts
 

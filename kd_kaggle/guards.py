@@ -35,7 +35,8 @@ def check_output_dir(path, min_free_gib: float = 1.0) -> Path:
     return p
 
 LOSS_FIELDS = ('kd_method', 'divergence', 'temperature', 't2_scaling', 'jsd_beta', 'skew_alpha', 'top_k', 'kd_positions', 'curriculum',
-               'feature_loss', 'contrastive_temperature', 'lmbda', 'max_new_tokens', 'sampling_temperature', 'onpolicy_start')
+               'feature_loss', 'contrastive_temperature', 'lmbda', 'max_new_tokens', 'sampling_temperature', 'onpolicy_start',
+               'onpolicy_divergence')
 
 def _router_on(curriculum: dict) -> bool:
     "Whether a (serialised) curriculum gives any router term a non-zero weight somewhere."

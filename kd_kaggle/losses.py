@@ -253,10 +253,11 @@ class KDSpec:
     @property
     def t2(self): return self.temperature ** 2 if self.scale_t2 else 1.0
 
-def kd_rows(student_logits, teacher, bmap=None, cfg=KDSpec()):
-    "Per-position KD divergence `[n]`: student logits `[n, Vs]` vs teacher logits `[n, Vt]` or `TeacherTargets`."
+def kd_rows(student_logits, teacher, bmap=None, cfg=KDSpec(), normalized=False):
+    "Per-position KD divergence `[n]`: student logits `[n, Vs]` (log-probs if `normalized`) vs teacher logits `[n, Vt]` or `TeacherTargets`."
     T, name = cfg.temperature, cfg.divergence
-    logq = _log_softmax(student_logits, T)
+    if normalized and T != 1: raise ValueError(f'normalized student log-probs are at T=1, but temperature={T}')
+    logq = student_logits if normalized else _log_softmax(student_logits, T)
     if isinstance(teacher, TeacherTargets):
         if name in ('uld', 'hybrid'): raise ValueError(f'{name!r} needs full teacher logits, not TeacherTargets')
         targets = teacher if cfg.top_k is None else teacher.top_k(cfg.top_k)
@@ -405,9 +406,13 @@ def _teacher_rows(batch, rows):
 
 def _loss_sums(logits, labels, kd_local, teacher, batch):
     "Summed CE over non-ignored labels and summed KD over `kd_local` rows of one block of logits."
-    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction='sum')
-    if teacher is None: return ce, logits.new_zeros(())
-    return ce, kd_rows(logits[kd_local], teacher, batch.bmap, batch.cfg).sum()
+    if teacher is None or batch.cfg.temperature != 1:
+        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction='sum')
+        if teacher is None: return ce, logits.new_zeros(())
+        return ce, kd_rows(logits[kd_local], teacher, batch.bmap, batch.cfg).sum()
+    logq = _log_softmax(logits)   # at T = 1 CE and KD share one log-softmax: one pass over [rows, Vs] each way, not two
+    ce = F.nll_loss(logq, labels, ignore_index=-100, reduction='sum')
+    return ce, kd_rows(logq[kd_local], teacher, batch.bmap, batch.cfg, normalized=True).sum()
 
 # %% ../nbs/05_losses.ipynb #a765ebad
 _FP16_ROW_LIMIT = 2.0 ** 14   # scaled inputs and every output of a row stay below this (fp16 max: 65,504)

@@ -161,6 +161,6 @@ def onpolicy_micro_batches(student, batches: list, cfg, teacher_tok, student_tok
         seed = (((cfg.seed * 1_000_003 + step) * 1009 + process) * 101 + i) % 2**63   # torch seeds are 64-bit
         nb, st = onpolicy_batch(student, b, teacher_tok, student_tok, cfg.seq_len, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.sampling_temperature, seed=seed, kind=kind)
-        out.append(b if nb is None else nb)
+        out.append(b if nb is None else {**nb, 'onpolicy': True})   # marks the batch for KDConfig.onpolicy_divergence
         for k in ('examples', 'kept', 'new_tokens'): total[k] = total.get(k, 0) + st[k]
     return out, total

@@ -341,3 +341,18 @@ def test_a_skipped_onpolicy_step_is_counted_once(tmp_path, monkeypatch):
     tr.train(_op_cfg(tmp_path, lmbda=1.0, max_steps=4, save_every=100))
     got = _records(tmp_path/'run')
     assert got[4]['skipped'] == 1 and got[4]['onpolicy_steps'] == 4
+
+
+def test_onpolicy_divergence_is_used_on_the_students_samples_only(tmp_path, monkeypatch):
+    "KDConfig.onpolicy_divergence: on-policy micro-batches take it, the data's steps keep `divergence`; bad values are refused."
+    import kd_kaggle.distill as di
+    from kd_kaggle.train import train
+    real, used = di.fused_distill_loss, []
+    def spy(*a, **kw):
+        used.append(kw['divergence']); return real(*a, **kw)
+    monkeypatch.setattr(di, 'fused_distill_loss', spy)
+    train(_op_cfg(tmp_path, lmbda=1.0, onpolicy_start=0.5, divergence='fkl', onpolicy_divergence='rkl', max_steps=4, save_every=100))
+    got = _records(tmp_path/'run')
+    assert got[4]['onpolicy_steps'] == 2 and used == ['fkl', 'fkl', 'rkl', 'rkl']
+    with pytest.raises(ValueError, match='onpolicy_divergence'): _op_cfg(tmp_path, onpolicy_divergence='reverse')
+    with pytest.raises(ValueError, match='onpolicy_divergence.*top_k'): _op_cfg(tmp_path, onpolicy_divergence='uld', top_k=8)
