@@ -15,6 +15,8 @@ Variants (same model files, same data, same batch sizes):
   *_eager  the same with KDConfig(compile='off') (default and cached compile their decoder layers on a CUDA GPU)
   *_masked the same with the attention masks passed to the models, as before 2026-11-30 (today right-padded batches run
            without them: SDPA's causal kernel); the contrast that measures that change
+  *_gathers the same with the student's head rows in id order (its KD buckets gathered per chunk and scattered back in
+           backward), as before the bucket order of 2026-11-30; the contrast for that change
   naive    the seed's step: full student and teacher logits, id-truncated KL at T=4 x T^2 (KDConfig(kd_method='seed_naive'),
            through the same train_step)
            + CE, on the same models, optimizer, scaler and autocast as `default` (the loss is the only difference)
@@ -177,7 +179,9 @@ def main():
             step = library_step(r)
             masked = mock.patch('kd_kaggle.distill.final_hidden_states', partial(final_hidden_states, right_padded=False)) \
                 if '_masked' in variant else contextlib.nullcontext()
-            with masked, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            gathers = mock.patch('kd_kaggle.losses._student_bucket_order', lambda batch: None) \
+                if '_gathers' in variant else contextlib.nullcontext()
+            with masked, gathers, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
                 for b in batch_sizes:
                     row = measure(variant, pair, r, step, b, args); rows.append(row); save()
                     if row['oom']: break                      # larger batches will not fit either

@@ -214,6 +214,10 @@ def student_bucket_logp(student_logq, bmap):
     tail = student_logq.index_select(1, bmap.student_unmapped).logsumexp(-1, keepdim=True)   # |unmapped| ≪ V columns
     return torch.cat([student_logq.index_select(1, bmap.mapped_ids), tail], 1)
 
+def _ordered_bucket_logp(student_logq, n_mapped):
+    "`student_bucket_logp` for columns already in bucket order (`bucket_order`): slices, no gathers and no scatter back."
+    return torch.cat([student_logq[:, :n_mapped], student_logq[:, n_mapped:].logsumexp(-1, keepdim=True)], 1)
+
 TAIL_EXACT_BELOW = 1e-2   # rest mass under which 1 − Σ top-k is done exactly: in float32 the difference would lose digits
 
 def student_target_logp(student_logq, ids):
@@ -253,10 +257,12 @@ class KDSpec:
     @property
     def t2(self): return self.temperature ** 2 if self.scale_t2 else 1.0
 
-def kd_rows(student_logits, teacher, bmap=None, cfg=KDSpec(), normalized=False):
+def kd_rows(student_logits, teacher, bmap=None, cfg=KDSpec(), normalized=False, bucket_order=False):
     "Per-position KD divergence `[n]`: student logits `[n, Vs]` (log-probs if `normalized`) vs teacher logits `[n, Vt]` or `TeacherTargets`."
     T, name = cfg.temperature, cfg.divergence
     if normalized and T != 1: raise ValueError(f'normalized student log-probs are at T=1, but temperature={T}')
+    if bucket_order and (isinstance(teacher, TeacherTargets) or bmap is None or name not in BUCKET_DIVERGENCES or cfg.top_k is not None):
+        raise ValueError('bucket_order (student columns = the mapped ids, then the rest) is for dense bucket divergences with teacher logits')
     logq = student_logits if normalized else _log_softmax(student_logits, T)
     if isinstance(teacher, TeacherTargets):
         if name in ('uld', 'hybrid'): raise ValueError(f'{name!r} needs full teacher logits, not TeacherTargets')
@@ -272,7 +278,8 @@ def kd_rows(student_logits, teacher, bmap=None, cfg=KDSpec(), normalized=False):
         uld = sorted_l1(logp_t[:, bmap.teacher_unmapped].exp(), logq[:, bmap.student_unmapped].exp(), cfg.uld_top_m)
         return forward_kl(targets.bucket_logp(), student_target_logp(logq, targets.ids)) + cfg.uld_weight * uld
     elif cfg.top_k is None:   # dense: the same buckets in every row, so both sides are column gathers (no per-row masks)
-        p_logp, q_logp = teacher_bucket_logp(teacher, bmap, T), student_bucket_logp(logq, bmap)
+        p_logp = teacher_bucket_logp(teacher, bmap, T)
+        q_logp = _ordered_bucket_logp(logq, bmap.n_mapped) if bucket_order else student_bucket_logp(logq, bmap)
         return BUCKET_DIVERGENCES[name](p_logp, q_logp, **_div_kwargs(cfg))
     else: targets = teacher_targets_from_logits(teacher, bmap, bmap.student_vocab, cfg.top_k, T)
     p_logp, q_logp = targets.bucket_logp(), student_target_logp(logq, targets.ids)
@@ -401,18 +408,27 @@ def _teacher_rows(batch, rows):
     t, idx = batch.teacher, batch.teacher_row[rows]
     if isinstance(t, TeacherTargets): return t.select(idx)
     with torch.no_grad():   # teacher logits stay in the matmul dtype: every consumer's softmax upcasts while it reads
+        # all rows of the head, padding included: a head cut to the tokenizer's rows (151,646 for Qwen2) is not a multiple
+        # of 8 and ran on a slow align-2 GEMM (+11.7 ms per 16x1024 step on an H200), more than the [:, :limit] copy costs
         logits = head_logits(t.hidden[idx], t.head_weight, t.head_bias, t.logit_scale, t.logit_softcap, upcast=False)
     return logits[:, :batch.teacher_vocab_limit] if batch.bmap is None else logits  # ULD: padding rows out
 
-def _loss_sums(logits, labels, kd_local, teacher, batch):
+def _loss_sums(logits, labels, kd_local, teacher, batch, bucket_order=False):
     "Summed CE over non-ignored labels and summed KD over `kd_local` rows of one block of logits."
     if teacher is None or batch.cfg.temperature != 1:
         ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction='sum')
         if teacher is None: return ce, logits.new_zeros(())
-        return ce, kd_rows(logits[kd_local], teacher, batch.bmap, batch.cfg).sum()
+        return ce, kd_rows(logits[kd_local], teacher, batch.bmap, batch.cfg, bucket_order=bucket_order).sum()
     logq = _log_softmax(logits)   # at T = 1 CE and KD share one log-softmax: one pass over [rows, Vs] each way, not two
     ce = F.nll_loss(logq, labels, ignore_index=-100, reduction='sum')
-    return ce, kd_rows(logq[kd_local], teacher, batch.bmap, batch.cfg, normalized=True).sum()
+    return ce, kd_rows(logq[kd_local], teacher, batch.bmap, batch.cfg, normalized=True, bucket_order=bucket_order).sum()
+
+def _student_bucket_order(batch):
+    "Student ids, the mapped ones first (bucket order) then the rest, where the KD reads dense buckets; else None."
+    b, cfg = batch.bmap, batch.cfg
+    if b is None or not isinstance(batch.teacher, OnlineTeacher) or cfg.divergence not in BUCKET_DIVERGENCES or cfg.top_k is not None:
+        return None
+    return torch.cat([b.mapped_ids, b.student_unmapped])
 
 # %% ../nbs/05_losses.ipynb #a765ebad
 _FP16_ROW_LIMIT = 2.0 ** 14   # scaled inputs and every output of a row stay below this (fp16 max: 65,504)
@@ -444,6 +460,11 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
     ce_scale, kd_scale = scales
     mm = _matmul_dtype(hidden, weight)
     w = weight.detach().to(mm)                              # one cast per call; autocast would cast per chunk
+    b_, labels, order = None if bias is None else bias.detach(), batch.labels, _student_bucket_order(batch)
+    if order is not None:   # head rows in bucket order: the KD's student buckets are slices of each chunk, not gathers + scatters
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        w, b_ = w.index_select(0, order), None if b_ is None else b_.index_select(0, order)
+        labels = torch.where(labels >= 0, rank[labels.clamp_min(0)], labels)
     w_max = w.abs().amax().float() if want_grad and mm == torch.float16 else None
     acc = _ftype(mm)
     ce_sum, kd_sum = torch.zeros((), dtype=acc, device=hidden.device), torch.zeros((), dtype=acc, device=hidden.device)
@@ -457,13 +478,13 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
         teacher = _teacher_rows(batch, kd_pos) if batch.teacher is not None and len(kd_pos) else None
         h = hidden.detach()[rows].to(mm)
         with torch.autocast(hidden.device.type, enabled=False):
-            z = _chunk_logits(h, w, None if bias is None else bias.detach())
+            z = _chunk_logits(h, w, b_)
         with torch.enable_grad() if want_grad else nullcontext():
             z.requires_grad_(want_grad)
             logits = z
             if batch.logit_scale is not None: logits = logits * batch.logit_scale
             if batch.logit_softcap is not None: logits = torch.tanh(logits / batch.logit_softcap) * batch.logit_softcap
-            ce, kd = _loss_sums(logits, batch.labels[rows], kd_local, teacher, batch)
+            ce, kd = _loss_sums(logits, labels[rows], kd_local, teacher, batch, bucket_order=order is not None)
             if want_grad:
                 g = torch.autograd.grad(ce * ce_scale + kd * kd_scale, z)[0]       # float32 [rows, Vs]: nothing underflows
                 with torch.autocast(hidden.device.type, enabled=False):
@@ -472,6 +493,7 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
                 if need[2]: grads[2].add_(g.sum(0))
         ce_sum += ce.detach(); kd_sum += kd.detach()
         del logits, z, teacher, ce, kd  # free this chunk's buffers before the next one
+    if order is not None: grads = [g if g is None or i == 0 else g.index_select(0, rank) for i, g in enumerate(grads)]   # back to id order
     return ce_sum, kd_sum, grads
 
 class _FusedDistill(torch.autograd.Function):

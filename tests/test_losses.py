@@ -248,6 +248,20 @@ def test_fused_at_t1_equals_separate_ce_and_kd(divergence):
     with pytest.raises(ValueError, match='temperature'): kd_rows(logits.log_softmax(-1), t_logits, None, KDSpec(temperature=2.0), normalized=True)
 
 
+def test_bucket_order_equals_gathered_buckets_and_is_refused_elsewhere():
+    "Student columns in bucket order (mapped ids first, then the rest): the same KD as the gathers; refused where it cannot hold."
+    from kd_kaggle.losses import kd_rows, KDSpec
+    p = problem(seed=8)
+    bm = bucket_map(p['vmap'], p['w'].shape[0], p['limit'])
+    order = torch.cat([bm.mapped_ids, bm.student_unmapped])
+    s_logits, t_logits = (p['h'] @ p['w'].T).detach(), p['teacher'].hidden @ p['teacher'].head_weight.T
+    for div in BUCKET_DIVERGENCES:
+        ref = kd_rows(s_logits, t_logits, bm, KDSpec(div))
+        assert torch.allclose(kd_rows(s_logits[:, order], t_logits, bm, KDSpec(div), bucket_order=True), ref, rtol=1e-12, atol=1e-14)
+    for bad in (KDSpec('fkl', top_k=3), KDSpec('hybrid'), KDSpec('uld')):
+        with pytest.raises(ValueError, match='bucket_order'): kd_rows(s_logits[:, order], t_logits, bm, bad, bucket_order=True)
+
+
 @pytest.mark.parametrize('divergence', DIVERGENCES)
 def test_fused_matches_naive_every_divergence(divergence):
     p = problem(seed=11)
