@@ -361,6 +361,7 @@ class _Batch:
     teacher_vocab_limit: int | None
     logit_scale: float | None
     logit_softcap: float | None
+    teacher_padding_from: int | None = None   # teacher logits from this column on are set to −inf (the map's tail holds them)
 
 def _prepare(hidden, weight, bias, labels, kd_mask, teacher, vocab_map, teacher_vocab_limit, cfg, logit_scale, logit_softcap,
              check_inputs=True):
@@ -379,7 +380,7 @@ def _prepare(hidden, weight, bias, labels, kd_mask, teacher, vocab_map, teacher_
         kd_mask = torch.zeros(n, dtype=torch.bool, device=hidden.device)
     kd_mask = torch.ones(n, dtype=torch.bool, device=hidden.device) if kd_mask is None else kd_mask.reshape(-1)
     if kd_mask.shape != (n,) or kd_mask.dtype != torch.bool: raise ValueError(f'kd_mask must be bool [{n}], got {kd_mask.dtype} {tuple(kd_mask.shape)}')
-    bmap, teacher_row = None, None
+    bmap, teacher_row, padding_from = None, None, None
     if teacher is not None:
         rows = len(teacher) if isinstance(teacher, TeacherTargets) else teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).shape[0]
         if rows == n: teacher_row = torch.arange(n, device=hidden.device)
@@ -401,16 +402,26 @@ def _prepare(hidden, weight, bias, labels, kd_mask, teacher, vocab_map, teacher_
                 bmap = bucket_map(vocab_map, vs, teacher_vocab_limit).to(hidden.device)
                 if bmap.teacher_rows != tw.shape[0]:
                     raise ValueError(f'vocab_map has {bmap.teacher_rows} entries but the teacher head has {tw.shape[0]} rows')
-    return _Batch(labels, kd_mask, teacher, teacher_row, bmap, cfg, teacher_vocab_limit, logit_scale, logit_softcap)
+                if cfg.divergence in BUCKET_DIVERGENCES and bmap.teacher_vocab_limit < bmap.teacher_rows:
+                    padding_from, bmap = bmap.teacher_vocab_limit, _padding_in_tail(bmap)
+    return _Batch(labels, kd_mask, teacher, teacher_row, bmap, cfg, teacher_vocab_limit, logit_scale, logit_softcap, padding_from)
+
+def _padding_in_tail(bmap):
+    "The same buckets over every teacher row: the padding rows (past the tokenizer) join the tail with −inf logits, zero mass."
+    pad = torch.arange(bmap.teacher_vocab_limit, bmap.teacher_rows, device=bmap.teacher_bucket.device)
+    return BucketMap(torch.cat([bmap.teacher_bucket, torch.full_like(pad, bmap.n_mapped)]), bmap.mapped_ids,
+                     torch.cat([bmap.teacher_unmapped, pad]), bmap.student_unmapped, bmap.student_vocab, bmap.teacher_rows,
+                     bmap.teacher_rows, bmap.rows_of_bucket)
 
 def _teacher_rows(batch, rows):
     "The teacher for student positions `rows` (all kd positions): `TeacherTargets` or teacher logits."
     t, idx = batch.teacher, batch.teacher_row[rows]
     if isinstance(t, TeacherTargets): return t.select(idx)
     with torch.no_grad():   # teacher logits stay in the matmul dtype: every consumer's softmax upcasts while it reads
-        # all rows of the head, padding included: a head cut to the tokenizer's rows (151,646 for Qwen2) is not a multiple
-        # of 8 and ran on a slow align-2 GEMM (+11.7 ms per 16x1024 step on an H200), more than the [:, :limit] copy costs
+        # all rows of the head: one cut to the tokenizer's rows (151,646 for Qwen2, not a multiple of 8) ran on a slow
+        # align-2 GEMM, and a [:, :limit] slice costs a copy per softmax; so the padding columns get −inf (zero mass)
         logits = head_logits(t.hidden[idx], t.head_weight, t.head_bias, t.logit_scale, t.logit_softcap, upcast=False)
+        if batch.teacher_padding_from is not None: logits[:, batch.teacher_padding_from:] = float('-inf')
     return logits[:, :batch.teacher_vocab_limit] if batch.bmap is None else logits  # ULD: padding rows out
 
 def _loss_sums(logits, labels, kd_local, teacher, batch, bucket_order=False):

@@ -175,6 +175,21 @@ def test_teacher_padding_rows_are_ignored():
     assert not torch.allclose(a, kd_loss(sl, tl2, torch.cat([vmap[:26], torch.full((4,), -1)])).raw)
 
 
+@pytest.mark.parametrize('divergence', DIVERGENCES)
+def test_fused_loss_ignores_the_teacher_heads_padding_rows(divergence):
+    "Head rows past teacher_vocab_limit carry no mass in the fused loss, even with huge logits (they join the tail at −inf)."
+    p = problem(seed=9)
+    t = p['teacher']
+    loud = t.head_weight.clone(); loud[p['limit']:] *= 1e3
+    run = lambda w: fused_distill_loss(p['h'], p['w'], labels=p['labels'], kd_mask=p['kd_mask'], teacher=OnlineTeacher(t.hidden, w),
+                                       vocab_map=p['vmap'], teacher_vocab_limit=p['limit'], divergence=divergence, chunk_size=4)
+    a, b = run(t.head_weight), run(loud)
+    assert torch.allclose(a.kd_raw, b.kd_raw, rtol=1e-12) and torch.isfinite(b.kd_raw)
+    ref = kd_loss(p['h'] @ p['w'].T, t.hidden @ t.head_weight.T, p['vmap'], mask=p['kd_mask'], teacher_vocab_limit=p['limit'],
+                  divergence=divergence).raw
+    assert torch.allclose(a.kd_raw, ref, rtol=1e-10)
+
+
 @pytest.mark.parametrize('name', list(BUCKET_DIVERGENCES))
 def test_topk_with_k_at_least_M_equals_dense(name):
     g = torch.Generator().manual_seed(7)
