@@ -471,10 +471,10 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
     ce_scale, kd_scale = scales
     mm = _matmul_dtype(hidden, weight)
     w = weight.detach().to(mm)                              # one cast per call; autocast would cast per chunk
-    b_, labels, order = None if bias is None else bias.detach(), batch.labels, _student_bucket_order(batch)
+    b_, labels, order, rank = None if bias is None else bias.detach(), batch.labels, _student_bucket_order(batch), None
     if order is not None:   # head rows in bucket order: the KD's student buckets are slices of each chunk, not gathers + scatters
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        w, b_ = w.index_select(0, order), None if b_ is None else b_.index_select(0, order)
+        w, b_ = w.index_select(0, order), None if b_ is None else b_.index_select(0, order)   # (the cast copy, if any, is freed)
         labels = torch.where(labels >= 0, rank[labels.clamp_min(0)], labels)
     w_max = w.abs().amax().float() if want_grad and mm == torch.float16 else None
     acc = _ftype(mm)
@@ -504,25 +504,31 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
                 if need[2]: grads[2].add_(g.sum(0))
         ce_sum += ce.detach(); kd_sum += kd.detach()
         del logits, z, teacher, ce, kd  # free this chunk's buffers before the next one
-    if order is not None: grads = [g if g is None or i == 0 else g.index_select(0, rank) for i, g in enumerate(grads)]   # back to id order
-    return ce_sum, kd_sum, grads
+    return ce_sum, kd_sum, grads, rank   # with `rank`, the weight and bias gradients are in bucket order: `g.index_select(0, rank)`
 
 class _FusedDistill(torch.autograd.Function):
     "Gradients are computed in forward, chunk by chunk, in float32; backward scales them by grad_output and casts."
     @staticmethod
     def forward(ctx, hidden, weight, bias, run):
-        ce, kd, total, grads = run(hidden, weight, bias, want_grad=True)
+        ce, kd, total, grads, rank = run(hidden, weight, bias, want_grad=True)
         ctx.has = [g is not None for g in grads]
         ctx.dtypes = [x.dtype if x is not None else None for x in (hidden, weight, bias)]
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.permuted = rank is not None
+        ctx.save_for_backward(*[g for g in grads if g is not None], *([rank] if ctx.permuted else []))
         ctx.mark_non_differentiable(ce, kd)
         return total, ce, kd
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward: a clear error instead of wrong grads
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
-        saved = iter(ctx.saved_tensors)
-        # multiply in float32 first: grad_total carries GradScaler's factor, which lifts small gradients into fp16's range
-        return (*[(next(saved) * grad_total).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)], None)
+        saved = list(ctx.saved_tensors)
+        rank = saved.pop() if ctx.permuted else None
+        out, saved = [], iter(saved)
+        for i, (has, dt) in enumerate(zip(ctx.has, ctx.dtypes)):
+            if not has: out.append(None); continue
+            g = next(saved)   # weight/bias rows back to id order in the one new buffer that takes grad_total
+            g = g.index_select(0, rank).mul_(grad_total) if rank is not None and i > 0 else g * grad_total
+            out.append(g.to(dt))   # multiplied in float32 first: grad_total carries GradScaler's factor (fp16's range)
+        return (*out, None)
 
 # %% ../nbs/05_losses.ipynb #57cc60a3
 def fused_distill_loss(student_hidden, student_head_weight, labels=None, kd_mask=None, teacher=None, vocab_map=None,
@@ -542,14 +548,14 @@ def fused_distill_loss(student_hidden, student_head_weight, labels=None, kd_mask
                       for n in counts]
     scales = (ce_weight / ce_den, kd_weight * cfg.t2 / kd_den)
     def run(h, w_, b_, want_grad):
-        ce, kd, grads = _run_chunks(h, w_, b_, batch, chunk_size, scales, want_grad)
-        return ce, kd, ce * scales[0] + kd * scales[1], grads
+        ce, kd, grads, rank = _run_chunks(h, w_, b_, batch, chunk_size, scales, want_grad)
+        return ce, kd, ce * scales[0] + kd * scales[1], grads, rank
     if chunk_size is None:  # naive reference: whole-batch logits, one autograd graph
         ce, kd = _whole_batch_sums(hidden, w, b, batch)
         loss = ce * scales[0] + kd * scales[1]
     elif torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, w, b)):
         loss, ce, kd = _FusedDistill.apply(hidden, w, b, run)
-    else: ce, kd, loss, _ = run(hidden, w, b, want_grad=False)
+    else: ce, kd, loss, _, _ = run(hidden, w, b, want_grad=False)
     ce, kd_raw = (ce / ce_den).detach(), (kd / kd_den).detach()
     if check_finite: _check_finite(ce, 'CE'); _check_finite(kd_raw, 'KD')
     return DistillLossOutput(loss, ce, kd_raw, kd_raw * cfg.t2, n_ce, n_kd)

@@ -504,7 +504,7 @@ def _header(r, log, state, budget) -> None:
             f"{', torch.compile (the first steps compile)' if r.compiled else ''}")
     if c.lmbda > 0:
         log.say(f"kd_kaggle: on-policy on {c.lmbda:.0%} of steps{f' from {c.onpolicy_start:.0%} of training' if c.onpolicy_start else ''}: the student continues the {r.data_kind} prompts by up to {c.max_new_tokens} "
-                f"tokens (temperature {c.sampling_temperature}), {c.divergence} KD and no CE on its samples")
+                f"tokens (temperature {c.sampling_temperature}), {c.onpolicy_divergence or c.divergence} KD and no CE on its samples")
     if r.router is not None:
         r2 = ', '.join(f"{k} {v:.2f}" for k, v in r.calibration.items()) or 'not calibrated'
         log.say(f"kd_kaggle: router {r.router.num_parameters() / 1e6:.2f}M parameters (lr {c.router_lr}), least-squares init R^2: {r2}")

@@ -247,17 +247,21 @@ def test_fused_matches_naive(case, chunk_size):
     if case == 'T2': assert torch.allclose(fo.kd, fo.kd_raw * 6.25)
 
 
-@pytest.mark.parametrize('divergence', ['fkl', 'rkl', 'jsd', 'hybrid'])
-def test_fused_at_t1_equals_separate_ce_and_kd(divergence):
-    "At T=1 CE and KD share one log-softmax per chunk; loss and gradients still equal cross_entropy + kd_loss on logits."
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+@pytest.mark.parametrize('divergence', ['fkl', 'rkl', 'jsd', 'tvd', 'hybrid'])
+def test_fused_at_t1_equals_separate_ce_and_kd(divergence, temperature):
+    "At T=1 CE and KD share one log-softmax per chunk; loss and gradients still equal cross_entropy + kd_loss on logits (bias too)."
     p = problem(seed=5)
     out = fused_distill_loss(p['h'], p['w'], labels=p['labels'], kd_mask=p['kd_mask'], teacher=p['teacher'], vocab_map=p['vmap'],
-                             teacher_vocab_limit=p['limit'], divergence=divergence, chunk_size=4, kd_weight=0.7)
-    logits, t_logits = p['h'] @ p['w'].T, p['teacher'].hidden @ p['teacher'].head_weight.T
+                             teacher_vocab_limit=p['limit'], divergence=divergence, temperature=temperature, chunk_size=4,
+                             kd_weight=0.7, student_head_bias=p['b'])
+    logits, t_logits = p['h'] @ p['w'].T + p['b'], p['teacher'].hidden @ p['teacher'].head_weight.T
     ce = F.cross_entropy(logits, p['labels'], ignore_index=-100)
-    kd = kd_loss(logits[p['kd_mask']], t_logits[p['kd_mask']], p['vmap'], teacher_vocab_limit=p['limit'], divergence=divergence).loss
+    kd = kd_loss(logits[p['kd_mask']], t_logits[p['kd_mask']], p['vmap'], teacher_vocab_limit=p['limit'], divergence=divergence,
+                 temperature=temperature).loss
     assert torch.allclose(out.ce, ce, rtol=1e-12) and torch.allclose(out.kd_raw, kd, rtol=1e-12)
-    for a, b in zip(torch.autograd.grad(out.loss, [p['h'], p['w']]), torch.autograd.grad(ce + 0.7 * kd, [p['h'], p['w']])):
+    leaves = [p['h'], p['w'], p['b']]
+    for a, b in zip(torch.autograd.grad(out.loss, leaves), torch.autograd.grad(ce + 0.7 * kd, leaves)):
         assert rel_err(a, b) <= 1e-10
     from kd_kaggle.losses import kd_rows, KDSpec
     with pytest.raises(ValueError, match='temperature'): kd_rows(logits.log_softmax(-1), t_logits, None, KDSpec(temperature=2.0), normalized=True)
