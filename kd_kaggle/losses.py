@@ -10,7 +10,7 @@ Docs: https://kd-kaggle.github.io/kd_kaggle/losses.html.md"""
 from __future__ import annotations
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
@@ -89,10 +89,12 @@ class BucketMap:
     teacher_rows: int                # len(vocab_map): the width teacher logits must have
     teacher_vocab_limit: int
     rows_of_bucket: torch.Tensor | None = None   # [|M|] the one teacher row of each bucket, when the map is one-to-one
+    derived: dict = field(default_factory=dict, repr=False, compare=False)   # layouts the fused loss builds once per map
 
     @property
     def n_mapped(self): return len(self.mapped_ids)
     def to(self, device):
+        if self.teacher_bucket.device == torch.device(device): return self   # keeps `derived`: the loss is called per micro-batch
         move = lambda t: None if t is None else t.to(device)
         return BucketMap(move(self.teacher_bucket), move(self.mapped_ids), move(self.teacher_unmapped),
                          move(self.student_unmapped), self.student_vocab, self.teacher_rows, self.teacher_vocab_limit,
@@ -408,10 +410,12 @@ def _prepare(hidden, weight, bias, labels, kd_mask, teacher, vocab_map, teacher_
 
 def _padding_in_tail(bmap):
     "The same buckets over every teacher row: the padding rows (past the tokenizer) join the tail with −inf logits, zero mass."
-    pad = torch.arange(bmap.teacher_vocab_limit, bmap.teacher_rows, device=bmap.teacher_bucket.device)
-    return BucketMap(torch.cat([bmap.teacher_bucket, torch.full_like(pad, bmap.n_mapped)]), bmap.mapped_ids,
-                     torch.cat([bmap.teacher_unmapped, pad]), bmap.student_unmapped, bmap.student_vocab, bmap.teacher_rows,
-                     bmap.teacher_rows, bmap.rows_of_bucket)
+    if 'padding_in_tail' not in bmap.derived:
+        pad = torch.arange(bmap.teacher_vocab_limit, bmap.teacher_rows, device=bmap.teacher_bucket.device)
+        bmap.derived['padding_in_tail'] = BucketMap(
+            torch.cat([bmap.teacher_bucket, torch.full_like(pad, bmap.n_mapped)]), bmap.mapped_ids, torch.cat([bmap.teacher_unmapped, pad]),
+            bmap.student_unmapped, bmap.student_vocab, bmap.teacher_rows, bmap.teacher_rows, bmap.rows_of_bucket)
+    return bmap.derived['padding_in_tail']
 
 def _teacher_rows(batch, rows):
     "The teacher for student positions `rows` (all kd positions): `TeacherTargets` or teacher logits."
@@ -435,11 +439,14 @@ def _loss_sums(logits, labels, kd_local, teacher, batch, bucket_order=False):
     return ce, kd_rows(logq[kd_local], teacher, batch.bmap, batch.cfg, normalized=True, bucket_order=bucket_order).sum()
 
 def _student_bucket_order(batch):
-    "Student ids, the mapped ones first (bucket order) then the rest, where the KD reads dense buckets; else None."
+    "(student ids with the mapped ones first, in bucket order, then the rest; each id's place in it) where the KD reads dense buckets; else None."
     b, cfg = batch.bmap, batch.cfg
     if b is None or not isinstance(batch.teacher, OnlineTeacher) or cfg.divergence not in BUCKET_DIVERGENCES or cfg.top_k is not None:
         return None
-    return torch.cat([b.mapped_ids, b.student_unmapped])
+    if 'student_order' not in b.derived:
+        order = torch.cat([b.mapped_ids, b.student_unmapped])
+        b.derived['student_order'] = order, torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return b.derived['student_order']
 
 # %% ../nbs/05_losses.ipynb #a765ebad
 _FP16_ROW_LIMIT = 2.0 ** 14   # scaled inputs and every output of a row stay below this (fp16 max: 65,504)
@@ -471,9 +478,8 @@ def _run_chunks(hidden, weight, bias, batch, chunk_size, scales, want_grad):
     ce_scale, kd_scale = scales
     mm = _matmul_dtype(hidden, weight)
     w = weight.detach().to(mm)                              # one cast per call; autocast would cast per chunk
-    b_, labels, order, rank = None if bias is None else bias.detach(), batch.labels, _student_bucket_order(batch), None
+    b_, labels, (order, rank) = None if bias is None else bias.detach(), batch.labels, _student_bucket_order(batch) or (None, None)
     if order is not None:   # head rows in bucket order: the KD's student buckets are slices of each chunk, not gathers + scatters
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         w, b_ = w.index_select(0, order), None if b_ is None else b_.index_select(0, order)   # (the cast copy, if any, is freed)
         labels = torch.where(labels >= 0, rank[labels.clamp_min(0)], labels)
     w_max = w.abs().amax().float() if want_grad and mm == torch.float16 else None

@@ -281,6 +281,18 @@ def test_bucket_order_equals_gathered_buckets_and_is_refused_elsewhere():
         with pytest.raises(ValueError, match='bucket_order'): kd_rows(s_logits[:, order], t_logits, bm, bad, bucket_order=True)
 
 
+def test_bucket_layouts_are_built_once_per_map():
+    "The padded-tail map and the student's bucket order are made on the first call and reused (the loss runs per micro-batch)."
+    p = problem(seed=3)
+    bm = bucket_map(p['vmap'], p['w'].shape[0], p['limit'])
+    kw = dict(labels=p['labels'], kd_mask=p['kd_mask'], teacher=p['teacher'], vocab_map=bm, teacher_vocab_limit=p['limit'], chunk_size=4)
+    a = fused_distill_loss(p['h'], p['w'], **kw)
+    wide = bm.derived['padding_in_tail']; order = wide.derived['student_order']
+    b = fused_distill_loss(p['h'], p['w'], **kw)
+    assert bm.derived['padding_in_tail'] is wide and wide.derived['student_order'] is order and torch.equal(a.loss, b.loss)
+    assert bm.to(bm.teacher_bucket.device) is bm
+
+
 @pytest.mark.parametrize('divergence', DIVERGENCES)
 def test_fused_matches_naive_every_divergence(divergence):
     p = problem(seed=11)
